@@ -1,0 +1,141 @@
+"""Declarative configs for the CLIP backbone and the FB-CLIP heads (spec sections 1-6)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fbclip_edge.errors import FBClipError
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything needed to rebuild the CLIP module without open_clip's name registry.
+
+    `vision` and `text` are open_clip CLIPVisionCfg / CLIPTextCfg fields, so any open_clip
+    ViT (and the tiny test configs) builds from the same code path.
+    """
+
+    name: str
+    embed_dim: int
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    quick_gelu: bool = True
+
+    @property
+    def patch_size(self) -> int:
+        """Side of one square patch in pixels."""
+        return int(self.vision["patch_size"])
+
+    @property
+    def vision_layers(self) -> int:
+        """Number of transformer blocks in the vision tower."""
+        return int(self.vision["layers"])
+
+    @property
+    def vision_width(self) -> int:
+        """Residual width Dv of the vision tower."""
+        return int(self.vision["width"])
+
+    @property
+    def text_width(self) -> int:
+        """Residual width Dt of the text tower."""
+        return int(self.text["width"])
+
+    @property
+    def pretrained_image_size(self) -> int:
+        """Image side the positional embedding was trained for."""
+        size = self.vision["image_size"]
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def default_feature_layers(num_layers: int) -> tuple[int, ...]:
+    """The paper's layers 1, 6, 12, 18, 24 for 24 blocks, scaled to other depths."""
+    if num_layers == 24:
+        return (1, 6, 12, 18, 24)
+    scaled = sorted({1, *(max(1, round(k * num_layers / 24)) for k in (6, 12, 18, 24))})
+    return tuple(scaled)
+
+
+@dataclass(frozen=True)
+class FBCLIPConfig:
+    """Architecture plus every FB-CLIP setting; defaults are the published recipe."""
+
+    backbone: BackboneConfig
+    image_size: int = 518
+    feature_layers: tuple[int, ...] = ()
+    n_ctx: int = 12
+    class_name: str = "object"
+    normal_template: str = "{} without defect."
+    abnormal_template: str = "{} with defect."
+    # MSTFF fusion weights: global, attention-weighted, end-of-text.
+    text_fusion: tuple[float, float, float] = (1.0, 0.5, 0.5)
+    # Soft foreground mask: weights of saliency, center, cls_inc, change; box size; threshold.
+    mask_weights: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
+    mask_smooth: int = 5
+    mask_threshold: float = 0.5
+    mask_low: float = 0.5
+    sem_mix: float = 0.6
+    spa_kernel: int = 5
+    fb_heads: int = 8
+    fb_dim_head: int = 64
+    bs_mean_weight: float = 0.5
+    bs_mix: float = 0.5
+    temperature: float = 0.07
+    n_scale_weights: int = 6
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.feature_layers:
+            object.__setattr__(
+                self, "feature_layers", default_feature_layers(self.backbone.vision_layers)
+            )
+        object.__setattr__(self, "feature_layers", tuple(int(k) for k in self.feature_layers))
+        self.validate()
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side g = image_size / patch_size."""
+        return self.image_size // self.backbone.patch_size
+
+    @property
+    def num_maps(self) -> int:
+        """Three views (ID, SEM, SPA) per feature layer."""
+        return 3 * len(self.feature_layers)
+
+    def validate(self) -> None:
+        """Reject settings the model cannot run, with the fix in the message."""
+        patch = self.backbone.patch_size
+        if self.image_size <= 0 or self.image_size % patch:
+            raise FBClipError(
+                f"image size {self.image_size} is not a multiple of the patch size {patch}; "
+                f"use e.g. {max(patch, round(self.image_size / patch) * patch)}"
+            )
+        layers = self.backbone.vision_layers
+        bad = [k for k in self.feature_layers if not 1 <= k <= layers]
+        if bad or list(self.feature_layers) != sorted(set(self.feature_layers)):
+            raise FBClipError(
+                f"feature layers {list(self.feature_layers)} must be increasing and within "
+                f"1..{layers} for {self.backbone.name}"
+            )
+        if len(self.feature_layers) > self.n_scale_weights:
+            raise FBClipError(
+                f"at most {self.n_scale_weights} feature layers are supported "
+                f"(one scale weight each); got {len(self.feature_layers)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FBCLIPConfig:
+        """Inverse of to_dict; unknown keys are an error so typos do not pass silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FBClipError(f"config.json has unknown settings {unknown}; remove them")
+        values = dict(data)
+        backbone = values.pop("backbone")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(backbone=BackboneConfig(**backbone), **values)
