@@ -1,3 +1,26 @@
-"""fbclip-edge: FB-CLIP zero-shot anomaly detection from PyTorch to fast deployment."""
+"""fbclip-edge: FB-CLIP zero-shot anomaly detection from PyTorch to fast deployment.
+
+Public API: `load`, `create_model`, `import_official`, `preprocess`, `anomaly_map`, `FBCLIP`.
+"""
+
+from fbclip_edge.checkpoint import import_official, load, save_model
+from fbclip_edge.errors import FBClipError
+from fbclip_edge.factory import create_model
+from fbclip_edge.model import FBCLIP, FBCLIPConfig, FBCLIPOutput
+from fbclip_edge.postprocess import anomaly_map
+from fbclip_edge.preprocess import preprocess
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "FBCLIP",
+    "FBCLIPConfig",
+    "FBCLIPOutput",
+    "FBClipError",
+    "anomaly_map",
+    "create_model",
+    "import_official",
+    "load",
+    "preprocess",
+    "save_model",
+]

@@ -47,7 +47,7 @@ def reflect_indices(length: int, radius: int) -> torch.Tensor:
     return torch.where(idx >= length, period - 1 - idx, idx)
 
 
-def _as_grid(patch_prob: torch.Tensor) -> torch.Tensor:
+def as_grid(patch_prob: torch.Tensor) -> torch.Tensor:
     """Accept (B, N), (B, g, g) or (B, 1, g, g) and return (B, 1, g, g)."""
     if patch_prob.dim() == 2:
         side = math.isqrt(patch_prob.shape[1])
@@ -70,7 +70,7 @@ def anomaly_map_torch(
 
     Returns float32 (B, H, W). sigma <= 0 skips the blur.
     """
-    grid = _as_grid(patch_prob).float()
+    grid = as_grid(patch_prob).float()
     height, width = int(size[0]), int(size[1])
     up = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     if sigma <= 0:

@@ -103,34 +103,29 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid * grid, -1)], dim=0)
 
 
-class VisionTokens(nn.Module):
-    """Runs open_clip's ViT and returns the residual stream after the chosen blocks."""
+def encode_layers(
+    visual: nn.Module, pixel_values: torch.Tensor, layers: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """Run open_clip's ViT; return the (B, T, Dv) residual stream after each chosen block.
 
-    def __init__(self, visual: nn.Module, layers: tuple[int, ...]) -> None:
-        super().__init__()
-        self.visual = visual
-        self.layers = tuple(layers)
-        self.patch_size = int(visual.conv1.kernel_size[0])
-
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """pixel_values (B, 3, S, S) -> one (B, T, Dv) tensor per feature layer."""
-        visual = self.visual
-        x = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))
-        batch, width, grid = x.shape[0], x.shape[1], x.shape[-1]
-        x = x.reshape(batch, width, grid * grid).permute(0, 2, 1)
-        cls = visual.class_embedding.to(x.dtype).expand(batch, 1, width)
-        x = torch.cat([cls, x], dim=1)
-        x = x + resize_positional_embedding(visual.positional_embedding, grid).to(x.dtype)
-        x = visual.patch_dropout(x)
-        x = visual.ln_pre(x)
-        batch_first = getattr(visual.transformer, "batch_first", True)
-        outputs: list[torch.Tensor] = []
-        x = x if batch_first else x.transpose(0, 1)
-        for index, block in enumerate(visual.transformer.resblocks[: max(self.layers)], start=1):
-            x = block(x)
-            if index in self.layers:
-                outputs.append(x if batch_first else x.transpose(0, 1))
-        return outputs
+    Blocks past the last chosen layer are skipped.
+    """
+    x = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))
+    batch, width, grid = x.shape[0], x.shape[1], x.shape[-1]
+    x = x.reshape(batch, width, grid * grid).permute(0, 2, 1)
+    cls = visual.class_embedding.to(x.dtype).expand(batch, 1, width)
+    x = torch.cat([cls, x], dim=1)
+    x = x + resize_positional_embedding(visual.positional_embedding, grid).to(x.dtype)
+    x = visual.patch_dropout(x)
+    x = visual.ln_pre(x)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    outputs: list[torch.Tensor] = []
+    x = x if batch_first else x.transpose(0, 1)
+    for index, block in enumerate(visual.transformer.resblocks[: max(layers)], start=1):
+        x = block(x)
+        if index in layers:
+            outputs.append(x if batch_first else x.transpose(0, 1))
+    return outputs
 
 
 def describe(config: BackboneConfig) -> dict[str, Any]:

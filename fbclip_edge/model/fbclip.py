@@ -14,7 +14,7 @@ from open_clip.model import CLIP
 from torch import nn
 
 from fbclip_edge.kernels import score_maps
-from fbclip_edge.model.backbone import VisionTokens, build_clip
+from fbclip_edge.model.backbone import build_clip, encode_layers
 from fbclip_edge.model.config import FBCLIPConfig
 from fbclip_edge.model.fb_attention import FBAttention
 from fbclip_edge.model.text import PromptLearner, TextFusion, encode_text, prompt_tokens
@@ -69,9 +69,9 @@ class FBCLIP(nn.Module):
         self.text_fusion = TextFusion(text_width, config.backbone.embed_dim)
         self.fb_attention = FBAttention(config.backbone.vision_width, config.fb_heads, config.fb_dim_head)
         self.scale_weights = nn.Parameter(torch.full((config.n_scale_weights,), 1.0 / config.n_scale_weights))
-        self.vision = VisionTokens(self.clip.visual, config.feature_layers)
         # Frozen text features; filled by eval() / freeze_text(), saved with the model.
-        self.register_buffer("text_features_frozen", torch.empty(0, config.backbone.embed_dim))
+        self.register_buffer("text_features_frozen", torch.zeros(2, config.backbone.embed_dim))
+        self.text_frozen = False
 
     # ----- text side -----
     def encode_text(self) -> torch.Tensor:
@@ -82,12 +82,13 @@ class FBCLIP(nn.Module):
     def freeze_text(self) -> torch.Tensor:
         """Compute the text features once and keep them as the deployment buffer."""
         self.text_features_frozen = self.encode_text().detach().float()
+        self.text_frozen = True
         return self.text_features_frozen
 
     @property
     def text_features(self) -> torch.Tensor:
         """(2, D): frozen in eval mode, recomputed (with gradients) while training."""
-        if self.training or self.text_features_frozen.numel() == 0:
+        if self.training or not self.text_frozen:
             return self.encode_text()
         return self.text_features_frozen
 
@@ -138,7 +139,9 @@ class FBCLIP(nn.Module):
     def _encode(
         self, pixel_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        layer_tokens = torch.stack(self.vision(pixel_values), dim=1)
+        layer_tokens = torch.stack(
+            encode_layers(self.clip.visual, pixel_values, self.config.feature_layers), dim=1
+        )
         enhanced, fg = self.enhance(layer_tokens)
         background = background_prototype(enhanced, self.config.bs_mean_weight)
         suppressed = suppress_background(enhanced, background, self.config.bs_mix)
