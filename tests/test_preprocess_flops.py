@@ -1,0 +1,63 @@
+"""Preprocessing of every frame kind, and the analytic FLOP count against torch's counter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from fbclip_edge import FBClipError, create_model, preprocess
+from fbclip_edge.model import FBCLIPConfig, backbone_config
+from fbclip_edge.model.flops import forward_flops
+from fbclip_edge.preprocess import OPENAI_MEAN, OPENAI_STD
+
+
+def test_frames_of_any_size_and_mode_become_the_same_batch():
+    rgb = np.random.default_rng(0).integers(0, 256, (61, 90, 3), dtype=np.uint8)
+    kinds = [rgb, Image.fromarray(rgb), np.dstack([rgb, np.full((61, 90), 7, np.uint8)]),
+             Image.fromarray(rgb).convert("RGBA")]
+    batches = [preprocess(k, image_size=28) for k in kinds]
+    for batch in batches:
+        assert batch.shape == (1, 3, 28, 28) and batch.dtype == torch.float32
+        assert torch.equal(batch, batches[0])
+
+
+def test_grey_and_16_bit_frames():
+    grey = np.full((10, 12), 128, np.uint8)
+    out = preprocess(grey, image_size=14)
+    expected = (128 / 255 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    assert torch.allclose(out[0, :, 0, 0], expected, atol=1e-6)
+    sixteen = np.full((10, 12), 128 * 257, np.uint16)
+    assert torch.equal(preprocess(sixteen, image_size=14), out)
+    assert torch.equal(preprocess(Image.fromarray(grey), image_size=14), out)
+
+
+def test_bad_frames_are_refused_clearly():
+    with pytest.raises(FBClipError, match="dtype float32"):
+        preprocess(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(FBClipError, match="image shape"):
+        preprocess(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(FBClipError, match="no images"):
+        preprocess([])
+
+
+def test_batch_array_input():
+    batch = np.zeros((3, 20, 20, 3), np.uint8)
+    assert preprocess(batch, image_size=14).shape == (3, 3, 14, 14)
+
+
+@pytest.mark.parametrize("size", [224, 280])
+def test_analytic_flops_equal_torch_flop_counter(size):
+    model = create_model("tiny", image_size=size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size))
+    assert forward_flops(model.config).total == counter.get_total_flops()
+
+
+def test_vit_l_14_336_at_518_flops_split():
+    count = forward_flops(FBCLIPConfig(backbone_config("ViT-L-14-336"), image_size=518))
+    # Backbone: 24 blocks of 1370 tokens at width 1024 dominate; heads are the 15 FB views.
+    assert 1.0e12 < count.backbone < 1.03e12
+    assert 3.7e11 < count.heads < 3.9e11
