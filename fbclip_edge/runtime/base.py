@@ -1,0 +1,88 @@
+"""One inference interface over torch, onnxruntime and TensorRT.
+
+Every backend takes float32 (B, 3, S, S) pixels normalized as `fbclip_edge.preprocess`
+makes them and returns image_score (B,) and patch_map (B, 1, g, g) as float32 torch tensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fbclip_edge.errors import FBClipError
+
+
+@dataclass
+class BackendInfo:
+    """What actually runs: reported because runtimes fall back silently (onnxruntime does)."""
+
+    name: str
+    device: str
+    precision: str
+    image_size: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """Base class: input checking lives here so every backend refuses bad input alike."""
+
+    info: BackendInfo
+
+    @property
+    def image_size(self) -> int:
+        """Input side S the backend was built for."""
+        return self.info.image_size
+
+    def check_input(self, pixel_values: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """float32 (B, 3, S, S) tensor or array, else a one-line error naming the fix."""
+        if isinstance(pixel_values, np.ndarray):
+            pixel_values = torch.from_numpy(pixel_values)
+        if not isinstance(pixel_values, torch.Tensor):
+            raise FBClipError(f"run() takes a tensor or array, got {type(pixel_values).__name__}")
+        size = self.image_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+            raise FBClipError(
+                f"pixel_values shape {tuple(pixel_values.shape)} != (B, 3, {size}, {size}); "
+                "use fbclip_edge.preprocess(frames, image_size) first"
+            )
+        if pixel_values.dtype != torch.float32:
+            raise FBClipError(
+                f"pixel_values dtype {pixel_values.dtype} != float32; use fbclip_edge.preprocess"
+            )
+        if pixel_values.shape[0] == 0:
+            raise FBClipError("pixel_values has an empty batch")
+        return pixel_values
+
+    def run(self, pixel_values: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked inference: (image_score (B,), patch_map (B, 1, g, g)), float32."""
+        return self._run(self.check_input(pixel_values))
+
+    @abstractmethod
+    def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backend-specific inference on checked input."""
+
+
+class TorchBackend(Backend):
+    """The PyTorch model itself: the reference every exported backend is compared with."""
+
+    def __init__(self, model: Any, device: str | torch.device | None = None,
+                 precision: str = "fp32", scoring_impl: str = "auto") -> None:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+        self.model = model.to(device=device).eval()
+        self.dtype = dtype
+        self.device = device
+        self.scoring_impl = scoring_impl
+        self.info = BackendInfo("torch", str(device), precision, model.config.image_size)
+
+    @torch.inference_mode()
+    def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = pixel_values.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            maps = self.model.encode_maps(pixels)
+        output = self.model.score(maps)
+        return output.image_score.float(), output.patch_map.float()
