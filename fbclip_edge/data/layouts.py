@@ -49,8 +49,9 @@ def _subdirs(path: Path) -> list[Path]:
 def _images_in(folder: Path) -> list[Path]:
     """Image files of a folder, sorted; other files (readme, thumbs) are not images."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in
-        IMAGE_SUFFIXES
+        p
+        for p in folder.iterdir()
+        if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -58,15 +59,19 @@ def _is_mvtec_category(folder: Path) -> bool:
     return (folder / "test").is_dir() or (folder / "train").is_dir()
 
 
-def detect_layout(root: str | Path) -> Literal["mvtec", "visa", "meta"]:
-    """Which layout root holds; native layouts win over a meta.json generated beside them."""
-    root = Path(root)
+def _check_folder(root: Path) -> None:
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist; {_LAYOUT_HINT}")
     if not root.is_dir():
         raise DatasetError(f"{root} is a file, not a dataset folder; {_LAYOUT_HINT}")
     if not any(_visible(p) for p in root.iterdir()):
         raise DatasetError(f"dataset folder {root} is empty; {_LAYOUT_HINT}")
+
+
+def detect_layout(root: str | Path) -> Literal["mvtec", "visa", "meta"]:
+    """Which layout root holds; native layouts win over a meta.json generated beside them."""
+    root = Path(root)
+    _check_folder(root)
     if (root / VISA_CSV).is_file():
         return "visa"
     if _is_mvtec_category(root) or any(_is_mvtec_category(d) for d in _subdirs(root)):
@@ -88,9 +93,7 @@ def _find_mask(ground_truth: Path, image: Path) -> Path | None:
     return None
 
 
-def _mvtec_defect(
-    category_dir: Path, defect_dir: Path, require_masks: bool
-) -> list[Sample]:
+def _mvtec_defect(category_dir: Path, defect_dir: Path, require_masks: bool) -> list[Sample]:
     images = _images_in(defect_dir)
     if not images:
         raise DatasetError(
@@ -151,8 +154,7 @@ def _existing(root: Path, relative: str, where: str) -> Path:
     path = path if path.is_absolute() else root / path
     if not path.is_file():
         raise DatasetError(
-            f"{where} lists {relative} but {path} does not exist; fix the index or restore "
-            "the file"
+            f"{where} lists {relative} but {path} does not exist; fix the index or restore the file"
         )
     return path
 
@@ -164,9 +166,7 @@ def _visa_label(value: str, where: str) -> int:
     return labels[value.strip().lower()]
 
 
-def _visa_row(
-    root: Path, row: dict[str, str], where: str, require_masks: bool
-) -> Sample:
+def _visa_row(root: Path, row: dict[str, str], where: str, require_masks: bool) -> Sample:
     label = _visa_label(row["label"] or "", where)
     image = _existing(root, row["image"] or "", where)
     mask_name = (row["mask"] or "").strip()
@@ -211,8 +211,9 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _meta_entry(root: Path, entry: object, category: str, where: str,
-                require_masks: bool) -> Sample:
+def _meta_entry(
+    root: Path, entry: object, category: str, where: str, require_masks: bool
+) -> Sample:
     if not isinstance(entry, dict) or any(k not in entry for k in _META_KEYS):
         raise DatasetError(f"{where}: each entry needs keys {', '.join(_META_KEYS)}")
     if str(entry["anomaly"]).strip().lower() not in ("0", "1", "true", "false"):
@@ -223,8 +224,7 @@ def _meta_entry(root: Path, entry: object, category: str, where: str,
     mask = _existing(root, mask_name, where) if label and mask_name else None
     if label and mask is None and require_masks:
         raise DatasetError(
-            f"{where}: anomalous image {image} has no mask_path; add it or pass "
-            "require_masks=False"
+            f"{where}: anomalous image {image} has no mask_path; add it or pass require_masks=False"
         )
     defect = str(entry.get("specie_name") or "") or ("anomaly" if label else "good")
     return Sample(image, mask, label, str(entry.get("cls_name") or category), defect)
@@ -258,9 +258,9 @@ def _resolve_layout(root: Path, kind: LayoutKind) -> str:
     """The detected layout, or the requested one after checking its index file is there."""
     if kind not in ("auto", *_LOADERS):
         raise DatasetError(f"unknown dataset kind {kind!r}; use auto, mvtec, visa or meta")
-    detected = detect_layout(root)
-    if kind in ("auto", detected):
-        return detected
+    if kind == "auto":
+        return detect_layout(root)
+    _check_folder(root)
     if kind == "visa" and not (root / VISA_CSV).is_file():
         raise DatasetError(f"{root / VISA_CSV} not found; {root} is not a VisA root")
     if kind == "meta" and not (root / META_JSON).is_file():
@@ -278,8 +278,9 @@ def list_categories(root: str | Path, kind: LayoutKind = "auto", split: str = "t
         return [d.name for d in _mvtec_category_dirs(root)]
     if layout == "visa":
         with (root / VISA_CSV).open(newline="", encoding="utf-8") as handle:
-            return sorted({r.get("object", "") for r in csv.DictReader(handle)
-                           if r.get("split") == split})
+            return sorted(
+                {r.get("object", "") for r in csv.DictReader(handle) if r.get("split") == split}
+            )
     meta = _read_meta(root / META_JSON)
     return sorted(meta.get(split, {}))
 

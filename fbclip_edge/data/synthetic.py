@@ -102,8 +102,14 @@ def _flat(size: int, color: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- backgrounds
 
 _BACKGROUNDS = [
-    (0.05, 0.05, 0.06), (0.18, 0.18, 0.2), (0.92, 0.92, 0.9), (0.75, 0.8, 0.85),
-    (0.85, 0.78, 0.62), (0.12, 0.3, 0.18), (0.45, 0.45, 0.47), (0.2, 0.22, 0.35),
+    (0.05, 0.05, 0.06),
+    (0.18, 0.18, 0.2),
+    (0.92, 0.92, 0.9),
+    (0.75, 0.8, 0.85),
+    (0.85, 0.78, 0.62),
+    (0.12, 0.3, 0.18),
+    (0.45, 0.45, 0.47),
+    (0.2, 0.22, 0.35),
 ]
 
 
@@ -181,8 +187,13 @@ def _draw_wood(style: Style, rng: Rng, size: int) -> Scene:
 
 
 def _carpet_style(rng: Rng) -> Style:
-    colors = [(0.55, 0.12, 0.12), (0.2, 0.3, 0.55), (0.55, 0.5, 0.4), (0.3, 0.45, 0.3),
-              (0.45, 0.45, 0.48)]
+    colors = [
+        (0.55, 0.12, 0.12),
+        (0.2, 0.3, 0.55),
+        (0.55, 0.5, 0.4),
+        (0.3, 0.45, 0.3),
+        (0.45, 0.45, 0.48),
+    ]
     return {"color": _color(rng, colors), "threads": float(rng.uniform(18, 30))}
 
 
@@ -285,13 +296,12 @@ def _draw_grid(style: Style, rng: Rng, size: int) -> Scene:
     wave = 1.5 * np.sin(2 * np.pi * v / (period * 4) + rng.uniform(0, 6))
     cu, cv = ((u + wave) / period) % 1 - 0.5, (v / period) % 1 - 0.5
     half = style["width"] / 2
-    profile = np.maximum(
-        np.clip(1 - np.abs(cu) / half, 0, 1), np.clip(1 - np.abs(cv) / half, 0, 1)
-    )
+    profile = np.maximum(np.clip(1 - np.abs(cu) / half, 0, 1), np.clip(1 - np.abs(cv) / half, 0, 1))
     back = style["back"] * (0.7 + 0.6 * _fractal(rng, x / 3, y / 3, 2))[..., None]
     wire = style["wire"] * (0.55 + 0.45 * np.sqrt(profile))[..., None]
     image = np.where((profile > 0)[..., None], wire, back)
-    return _texture_scene(image, rng, backdrop=back.astype(np.float32))
+    # A torn-out patch shows the deeper, shadowed layer: darker than the gaps between wires.
+    return _texture_scene(image, rng, backdrop=(back * 0.4).astype(np.float32))
 
 
 # --------------------------------------------------------------------------- object families
@@ -317,8 +327,14 @@ def _draw_bottle(style: Style, rng: Rng, size: int) -> Scene:
     return _object_scene(obj, r <= 1.0, style, rng)
 
 
-_PILL_COLORS = [(0.85, 0.15, 0.12), (0.95, 0.88, 0.3), (0.2, 0.35, 0.8), (0.93, 0.93, 0.9),
-                (0.15, 0.6, 0.3), (0.95, 0.55, 0.15)]
+_PILL_COLORS = [
+    (0.85, 0.15, 0.12),
+    (0.95, 0.88, 0.3),
+    (0.2, 0.35, 0.8),
+    (0.93, 0.93, 0.9),
+    (0.15, 0.6, 0.3),
+    (0.95, 0.55, 0.15),
+]
 
 
 def _capsule_style(rng: Rng) -> Style:
@@ -352,8 +368,11 @@ def _metal_color(rng: Rng) -> np.ndarray:
 
 def _screw_style(rng: Rng) -> Style:
     metal = _metal_color(rng)
-    return {"metal": metal, "pitch": float(rng.uniform(4, 6)),
-            **_background_style(rng, float(_luma(metal)))}
+    return {
+        "metal": metal,
+        "pitch": float(rng.uniform(4, 6)),
+        **_background_style(rng, float(_luma(metal))),
+    }
 
 
 def _screw_shape(a: np.ndarray, b: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -379,7 +398,9 @@ def _draw_screw(style: Style, rng: Rng, size: int) -> Scene:
     pitch = style["pitch"] * size / 224
     thread = 0.5 + 0.5 * np.sin(2 * np.pi * (a + 0.4 * b) / pitch)
     across = np.sqrt(np.clip(1 - (b / half_w) ** 2, 0, 1))
-    value = np.where(head, np.where(slot, 0.22, dome), (0.45 + 0.45 * across) * (0.7 + 0.3 * thread))
+    value = np.where(
+        head, np.where(slot, 0.22, dome), (0.45 + 0.45 * across) * (0.7 + 0.3 * thread)
+    )
     obj = np.clip(style["metal"] * value[..., None] * 1.1, 0, 1)
     return _object_scene(obj, head | shaft, style, rng)
 
@@ -404,8 +425,12 @@ def _pcb_layout(rng: Rng) -> Style:
 def _pcb_style(rng: Rng) -> Style:
     board = _color(rng, [(0.1, 0.38, 0.18), (0.1, 0.2, 0.45), (0.1, 0.1, 0.1), (0.45, 0.1, 0.08)])
     copper = _color(rng, [(0.85, 0.68, 0.3), (0.78, 0.78, 0.78)], 0.03)
-    return {"board": board, "copper": copper, **_pcb_layout(rng),
-            **_background_style(rng, float(_luma(board)))}
+    return {
+        "board": board,
+        "copper": copper,
+        **_pcb_layout(rng),
+        **_background_style(rng, float(_luma(board))),
+    }
 
 
 def _paint_pcb(style: Style, size: int, offset: np.ndarray) -> Image.Image:
@@ -439,8 +464,10 @@ def _draw_pcb(style: Style, rng: Rng, size: int) -> Scene:
     painted = layer.max(axis=2) > 0
     margin = 0.08 * size
     inside = (
-        (x > margin + offset[0]) & (x < size - margin + offset[0])
-        & (y > margin + offset[1]) & (y < size - margin + offset[1])
+        (x > margin + offset[0])
+        & (x < size - margin + offset[0])
+        & (y > margin + offset[1])
+        & (y < size - margin + offset[1])
     )
     grain = 0.9 + 0.2 * _fractal(rng, x / 2, y / 2, 2)
     board = style["board"] * grain[..., None] * np.float32(rng.uniform(0.95, 1.05))
@@ -474,16 +501,25 @@ def _draw_nut(style: Style, rng: Rng, size: int) -> Scene:
     return _object_scene(obj, (hex_d < 0) & (r >= hole_r), style, rng)
 
 
-_INSULATION = [(0.3, 0.6, 0.15), (0.15, 0.3, 0.75), (0.45, 0.28, 0.15), (0.2, 0.2, 0.2),
-               (0.75, 0.75, 0.75), (0.8, 0.15, 0.1)]
+_INSULATION = [
+    (0.3, 0.6, 0.15),
+    (0.15, 0.3, 0.75),
+    (0.45, 0.28, 0.15),
+    (0.2, 0.2, 0.2),
+    (0.75, 0.75, 0.75),
+    (0.8, 0.15, 0.1),
+]
 
 
 def _cable_style(rng: Rng) -> Style:
     picks = rng.choice(len(_INSULATION), 3, replace=False)
     sheath = _color(rng, [(0.62, 0.62, 0.64), (0.12, 0.12, 0.13), (0.85, 0.5, 0.15)], 0.03)
-    return {"sheath": sheath, "wires": [_color(rng, [_INSULATION[i]], 0.03) for i in picks],
-            "phase": float(rng.uniform(0, 2 * np.pi)),
-            **_background_style(rng, float(_luma(sheath)))}
+    return {
+        "sheath": sheath,
+        "wires": [_color(rng, [_INSULATION[i]], 0.03) for i in picks],
+        "phase": float(rng.uniform(0, 2 * np.pi)),
+        **_background_style(rng, float(_luma(sheath))),
+    }
 
 
 def _draw_cable(style: Style, rng: Rng, size: int) -> Scene:
@@ -507,26 +543,31 @@ def _draw_cable(style: Style, rng: Rng, size: int) -> Scene:
 # Interleaved textures and objects so any first N categories mix both kinds.
 FAMILIES: tuple[Family, ...] = (
     Family("wood", "texture", ("scratch", "hole", "stain", "crack"), _wood_style, _draw_wood),
-    Family("capsule", "object", ("crack", "scratch", "missing", "stain"), _capsule_style,
-           _draw_capsule),
-    Family("carpet", "texture", ("hole", "stain", "contamination"), _carpet_style,
-           _draw_carpet),
-    Family("screw", "object", ("scratch", "missing", "contamination"), _screw_style,
-           _draw_screw),
-    Family("tile", "texture", ("crack", "stain", "missing", "contamination"), _tile_style,
-           _draw_tile),
-    Family("bottle", "object", ("crack", "missing", "contamination"), _bottle_style,
-           _draw_bottle),
-    Family("leather", "texture", ("scratch", "crack", "stain", "hole"), _leather_style,
-           _draw_leather),
-    Family("pcb", "object", ("scratch", "missing", "contamination", "stain"), _pcb_style,
-           _draw_pcb),
-    Family("metal_plate", "texture", ("scratch", "hole", "stain", "contamination"),
-           _metal_style, _draw_metal),
+    Family(
+        "capsule", "object", ("crack", "scratch", "missing", "stain"), _capsule_style, _draw_capsule
+    ),
+    Family("carpet", "texture", ("hole", "stain", "contamination"), _carpet_style, _draw_carpet),
+    Family("screw", "object", ("scratch", "missing", "contamination"), _screw_style, _draw_screw),
+    Family(
+        "tile", "texture", ("crack", "stain", "missing", "contamination"), _tile_style, _draw_tile
+    ),
+    Family("bottle", "object", ("crack", "missing", "contamination"), _bottle_style, _draw_bottle),
+    Family(
+        "leather", "texture", ("scratch", "crack", "stain", "hole"), _leather_style, _draw_leather
+    ),
+    Family(
+        "pcb", "object", ("scratch", "missing", "contamination", "stain"), _pcb_style, _draw_pcb
+    ),
+    Family(
+        "metal_plate",
+        "texture",
+        ("scratch", "hole", "stain", "contamination"),
+        _metal_style,
+        _draw_metal,
+    ),
     Family("nut", "object", ("scratch", "missing", "stain"), _nut_style, _draw_nut),
     Family("grid", "texture", ("missing", "contamination", "crack"), _grid_style, _draw_grid),
-    Family("cable", "object", ("missing", "contamination", "scratch"), _cable_style,
-           _draw_cable),
+    Family("cable", "object", ("missing", "contamination", "scratch"), _cable_style, _draw_cable),
 )
 
 
@@ -554,8 +595,9 @@ def _contrast(clean: np.ndarray, region: np.ndarray, palette: list) -> np.ndarra
     return colors[int(np.argmax(np.abs(colors - mean).sum(axis=1)))]
 
 
-def _walk(rng: Rng, start: tuple[float, float], steps: int, step: float,
-          turn: float) -> list[tuple[float, float]]:
+def _walk(
+    rng: Rng, start: tuple[float, float], steps: int, step: float, turn: float
+) -> list[tuple[float, float]]:
     """Random-walk polyline: the shape of cracks and fibres."""
     heading = rng.uniform(0, 2 * np.pi)
     points = [start]
@@ -576,7 +618,7 @@ def _scratch(scene: Scene, clean: np.ndarray, rng: Rng) -> tuple[np.ndarray, np.
     p0, p2 = np.array([cx, cy]) - direction, np.array([cx, cy]) + direction
     p1 = np.array([cx, cy]) + bend
     curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-    width = max(1, round(rng.uniform(1, 2.6) * size / 224))
+    width = max(1, round(rng.uniform(1.5, 3.2) * size / 224))
     points = [tuple(p) for p in curve]
     region = _canvas_mask(size, lambda d: d.line(points, fill=255, width=width, joint="curve"))
     region &= scene.support
@@ -605,7 +647,7 @@ def _hole(scene: Scene, clean: np.ndarray, rng: Rng) -> tuple[np.ndarray, np.nda
     size = clean.shape[0]
     y, x = _grid(size)
     cx, cy = _pick_point(rng, scene.support, 12)
-    rx = rng.uniform(4, 11) * size / 224
+    rx = rng.uniform(5, 13) * size / 224
     ry = rx * rng.uniform(0.7, 1.3)
     d = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
     region = (d <= 1) & scene.support
@@ -613,15 +655,20 @@ def _hole(scene: Scene, clean: np.ndarray, rng: Rng) -> tuple[np.ndarray, np.nda
     return region, clean * depth
 
 
-_STAINS = [(0.35, 0.22, 0.08), (0.78, 0.66, 0.2), (0.04, 0.04, 0.05), (0.88, 0.88, 0.82),
-           (0.42, 0.1, 0.1)]
+_STAINS = [
+    (0.35, 0.22, 0.08),
+    (0.78, 0.66, 0.2),
+    (0.04, 0.04, 0.05),
+    (0.88, 0.88, 0.82),
+    (0.42, 0.1, 0.1),
+]
 
 
 def _stain(scene: Scene, clean: np.ndarray, rng: Rng) -> tuple[np.ndarray, np.ndarray]:
     size = clean.shape[0]
     y, x = _grid(size)
     cx, cy = _pick_point(rng, scene.support, 10)
-    radius = rng.uniform(10, 26) * size / 224
+    radius = rng.uniform(12, 30) * size / 224
     envelope = np.clip(1 - ((x - cx) ** 2 + (y - cy) ** 2) / radius**2, 0, 1)
     blotch = _fractal(rng, x / (radius / 2), y / (radius / 2), 3)
     region = (blotch * 0.6 + 0.4) * envelope > 0.35
@@ -636,8 +683,10 @@ def _blob(rng: Rng, size: int, center: tuple[float, float], radius: float) -> np
     count = int(rng.integers(7, 12))
     angles = np.sort(rng.uniform(0, 2 * np.pi, count))
     radii = radius * rng.uniform(0.55, 1.0, count)
-    points = [(center[0] + r * np.cos(a), center[1] + r * np.sin(a)) for a, r in
-              zip(angles, radii, strict=True)]
+    points = [
+        (center[0] + r * np.cos(a), center[1] + r * np.sin(a))
+        for a, r in zip(angles, radii, strict=True)
+    ]
     return _canvas_mask(size, lambda d: d.polygon(points, fill=255))
 
 
@@ -650,12 +699,17 @@ def _missing(scene: Scene, clean: np.ndarray, rng: Rng) -> tuple[np.ndarray, np.
     else:
         edge = support & ~ndimage.binary_erosion(support, iterations=2)
         center = _pick_point(rng, edge, 0)
-    region = _blob(rng, size, center, rng.uniform(0.07, 0.13) * size) & support
+    region = _blob(rng, size, center, rng.uniform(0.08, 0.15) * size) & support
     return region, scene.backdrop
 
 
-_FOREIGN = [(0.04, 0.04, 0.04), (0.96, 0.96, 0.93), (0.8, 0.2, 0.1), (0.15, 0.3, 0.85),
-            (0.9, 0.8, 0.2)]
+_FOREIGN = [
+    (0.04, 0.04, 0.04),
+    (0.96, 0.96, 0.93),
+    (0.8, 0.2, 0.1),
+    (0.15, 0.3, 0.85),
+    (0.9, 0.8, 0.2),
+]
 
 
 def _contamination(scene: Scene, clean: np.ndarray, rng: Rng) -> tuple[np.ndarray, np.ndarray]:
@@ -664,8 +718,10 @@ def _contamination(scene: Scene, clean: np.ndarray, rng: Rng) -> tuple[np.ndarra
     cx, cy = _pick_point(rng, scene.support, 8)
     spread = rng.uniform(5, 14) * scale
     specks = rng.normal(0, spread, (int(rng.integers(3, 9)), 2)) + (cx, cy)
-    fibers = [_walk(rng, (cx, cy), int(rng.integers(4, 9)), 3 * scale, 0.35)
-              for _ in range(int(rng.integers(1, 3)))]
+    fibers = [
+        _walk(rng, (cx, cy), int(rng.integers(4, 9)), 3 * scale, 0.35)
+        for _ in range(int(rng.integers(1, 3)))
+    ]
 
     def paint(draw: ImageDraw.ImageDraw) -> None:
         for sx, sy in specks:
@@ -718,13 +774,16 @@ def _apply_defect(scene: Scene, clean: np.ndarray, defect: str, rng: Rng) -> np.
         region, replacement = DEFECTS[defect](scene, clean_f, rng)
         if region.sum() >= min_area:
             break
+    else:
+        raise RuntimeError(f"could not place a {defect} of {min_area} pixels in 50 tries")
     replacement = _ensure_visible(np.broadcast_to(replacement, clean_f.shape), clean_f, region)
     clean[region] = _quantize(replacement[region])
     return region
 
 
-def render(family: Family, style: Style, rng: Rng, size: int,
-           defect: str | None) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    family: Family, style: Style, rng: Rng, size: int, defect: str | None
+) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 RGB) and its exact mask (bool; all False for a good image)."""
     scene = family.draw(style, rng, size)
     lighting = np.float32(rng.uniform(0.95, 1.05))
@@ -769,8 +828,10 @@ def _write_category(family: Family, root: Path, images: int, size: int, seed: in
         counters[folder] = number + 1
         _save(image, base / "test" / folder / f"{number:03d}.png")
         if defect is not None:
-            _save(mask.astype(np.uint8) * 255, base / "ground_truth" / folder /
-                  f"{number:03d}_mask.png")
+            _save(
+                mask.astype(np.uint8) * 255,
+                base / "ground_truth" / folder / f"{number:03d}_mask.png",
+            )
     return 2 * images
 
 
@@ -792,8 +853,9 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not (overwrite and (out / MANIFEST).is_file()):
             reason = "overwrite only replaces a synthetic dataset" if overwrite else "choose"
-            raise FBClipError(f"{out} already exists and is not empty; {reason} a new folder "
-                              "or delete it first")
+            raise FBClipError(
+                f"{out} already exists and is not empty; {reason} a new folder or delete it first"
+            )
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(trash)
         tmp.rename(out)
@@ -825,8 +887,13 @@ def make_synthetic(
     try:
         for family in chosen:
             _write_category(family, tmp, images, size, seed)
-        manifest = {"generator": "fbclip_edge.data.synthetic", "seed": seed, "size": size,
-                    "images": images, "categories": [f.name for f in chosen]}
+        manifest = {
+            "generator": "fbclip_edge.data.synthetic",
+            "seed": seed,
+            "size": size,
+            "images": images,
+            "categories": [f.name for f in chosen],
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _place(tmp, out, overwrite)
     finally:
@@ -839,17 +906,24 @@ def make_synthetic(
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, iterations=1)
+    """A ring just outside the mask, so the defect itself stays visible inside it."""
+    grown = ndimage.binary_dilation(mask, iterations=2)
+    return grown & ~ndimage.binary_dilation(mask, iterations=1)
 
 
 def _tile(sample: Sample, tile: int) -> Image.Image:
     image = read_image(sample.image_path)
     mask = read_mask(sample.mask_path, image.shape[:2]) > 0
     small = np.asarray(Image.fromarray(image).resize((tile, tile), Image.Resampling.BILINEAR))
-    small_mask = np.asarray(
-        Image.fromarray(mask.astype(np.uint8) * 255).resize((tile, tile), Image.Resampling.NEAREST)
-    ) > 0
-    edge = ndimage.binary_dilation(_outline(small_mask))
+    small_mask = (
+        np.asarray(
+            Image.fromarray(mask.astype(np.uint8) * 255).resize(
+                (tile, tile), Image.Resampling.NEAREST
+            )
+        )
+        > 0
+    )
+    edge = _outline(small_mask)
     shown = np.where(edge[..., None], np.uint8([255, 0, 0]), small)
     picture = Image.fromarray(shown.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
