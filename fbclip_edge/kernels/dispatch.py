@@ -1,7 +1,8 @@
 """Pick Triton or torch for the fused kernels, once per device type, and say why.
 
-Triton is imported lazily so that TRITON_INTERPRET can still be set before the kernels are
-decorated (the variable is read when a @triton.jit kernel is defined, not at each launch).
+Triton is imported lazily, on the first CUDA (or impl='triton') call. TRITON_INTERPRET is read
+when a @triton.jit function is defined, triton.language's own helpers included, so it only
+works when set before anything imports triton.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Literal
@@ -22,7 +22,6 @@ Impl = Literal["auto", "triton", "torch"]
 Chosen = Literal["triton", "torch"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
 
-_TRUE_WORDS = ("1", "true", "yes", "on", "y")
 _log = logging.getLogger(__name__)
 
 
@@ -34,16 +33,11 @@ class BackendInfo:
     impl: Chosen
     reason: str
     triton_version: str | None
-    interpret: bool
+    triton_mode: str  # compiled | interpreted | mixed | unavailable | not imported
 
     def as_dict(self) -> dict[str, object]:
         """Plain dict for JSON reports."""
         return asdict(self)
-
-
-def interpret_requested() -> bool:
-    """Whether TRITON_INTERPRET is set the way Triton itself reads it (1/true/yes/on)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE_WORDS
 
 
 @functools.cache
@@ -66,15 +60,28 @@ def triton_modules() -> tuple[ModuleType, ModuleType]:
     return score, amap
 
 
+def kernel_mode() -> str:
+    """'compiled', 'interpreted', 'mixed' (TRITON_INTERPRET set after triton was imported:
+    unusable) or 'unavailable'; fixed when the kernels are first imported."""
+    score, amap, _ = _load_triton()
+    if score is None or amap is None:
+        return "unavailable"
+    return score.MODE if score.MODE == amap.MODE else "mixed"
+
+
 def kernels_interpreted() -> bool:
-    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on the CPU)."""
-    score, _, _ = _load_triton()
-    return bool(score is not None and score.INTERPRETED)
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 from the start)."""
+    return kernel_mode() == "interpreted"
 
 
-def _triton_version() -> str | None:
-    score, _, _ = _load_triton()
-    return None if score is None else score.TRITON_VERSION
+_MIXED = (
+    "TRITON_INTERPRET was set after triton was imported, so Triton can run neither compiled "
+    "nor interpreted"
+)
+_REASONS = {
+    "interpreted": "TRITON_INTERPRET=1: Triton would run in the slow CPU interpreter",
+    "mixed": _MIXED,
+}
 
 
 @functools.cache
@@ -87,29 +94,19 @@ def _auto_choice(device_type: str) -> BackendInfo:
             f"device is {device_type}: the Triton kernels are CUDA kernels "
             "(impl='triton' runs them in the interpreter only with TRITON_INTERPRET=1)",
             None,
-            interpret_requested(),
+            "not imported",
         )
     else:
         score, _, why = _load_triton()
+        mode = kernel_mode()
         if score is None:
-            info = BackendInfo(device_type, "torch", why, None, interpret_requested())
-        elif score.INTERPRETED:
-            info = BackendInfo(
-                device_type,
-                "torch",
-                "TRITON_INTERPRET=1 was set when the kernels were defined, so Triton would run "
-                "in the slow CPU interpreter",
-                score.TRITON_VERSION,
-                True,
-            )
+            info = BackendInfo(device_type, "torch", why, None, mode)
+        elif mode == "compiled":
+            version = score.TRITON_VERSION
+            reason = f"CUDA device and Triton {version} imports"
+            info = BackendInfo(device_type, "triton", reason, version, mode)
         else:
-            info = BackendInfo(
-                device_type,
-                "triton",
-                f"CUDA device and Triton {score.TRITON_VERSION} imports",
-                score.TRITON_VERSION,
-                False,
-            )
+            info = BackendInfo(device_type, "torch", _REASONS[mode], score.TRITON_VERSION, mode)
     _log.info("fbclip_edge.kernels: auto uses %s on %s (%s)", info.impl, info.device, info.reason)
     return info
 
@@ -133,9 +130,7 @@ def selected_impl(device: torch.device | str | None = None) -> Chosen:
 def in_graph_capture() -> bool:
     """True while tracing / compiling / exporting: those need the torch ops, not a Triton call."""
     return bool(
-        torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch.onnx.is_in_onnx_export()
+        torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
     )
 
 
@@ -159,10 +154,13 @@ def resolve_impl(impl: str, device: torch.device, needs_grad: bool) -> Chosen:
             "require grad"
         )
     triton_modules()
-    if device.type == "cpu" and not kernels_interpreted():
+    mode = kernel_mode()
+    if mode == "mixed":
+        raise FBClipError(f"impl='triton': {_MIXED}; set it before anything imports triton")
+    if device.type == "cpu" and mode != "interpreted":
         raise FBClipError(
             "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "in the environment before triton or fbclip_edge's Triton kernels are imported"
+            "in the environment before anything imports triton"
         )
     if device.type not in ("cpu", "cuda"):
         raise FBClipError(f"impl='triton' runs on CUDA (or CPU when interpreted), not {device}")

@@ -43,8 +43,6 @@ def _cached_operator(in_len: int, out_len: int, sigma: float, device: str) -> to
     return axis_operator(in_len, out_len, sigma).to(device=device, dtype=torch.float32)
 
 
-def axis_operator_on(
-    in_len: int, out_len: int, sigma: float, device: torch.device
-) -> torch.Tensor:
+def axis_operator_on(in_len: int, out_len: int, sigma: float, device: torch.device) -> torch.Tensor:
     """Cached float32 axis_operator on device (built once per size, sigma and device)."""
     return _cached_operator(int(in_len), int(out_len), float(sigma), str(device))

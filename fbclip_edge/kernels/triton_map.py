@@ -15,6 +15,7 @@ import triton.language as tl
 
 from fbclip_edge.kernels.reference import as_grid
 from fbclip_edge.kernels.separable import axis_operator_on
+from fbclip_edge.kernels.triton_score import kernel_mode
 
 TRITON_VERSION: str = triton.__version__
 
@@ -50,10 +51,10 @@ def _anomaly_map_kernel(
         other=0.0,
     )
     out = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
-    # Grid columns in KW-wide slices keep the (GHP, KW) grid and (KW, BLOCK_W) operator
-    # tiles in registers. ieee: TF32 would cost ~1e-3 relative error, and these dots are
-    # cheap next to the store.
-    for kw0 in tl.static_range(0, GWP, KW):
+    # Grid columns in KW-wide slices keep the (GHP, KW) grid and (KW, BLOCK_W) operator tiles
+    # in registers (a runtime loop: static unrolling hoists every slice's loads and spills).
+    # ieee: TF32 would cost ~1e-3 relative error, and these dots are cheap next to the store.
+    for kw0 in range(0, GWP, KW):
         kw = kw0 + tl.arange(0, KW)
         cells = tl.load(
             grid_ptr + b * stride_b + kh[:, None] * stride_h + kw[None, :] * stride_w,
@@ -75,7 +76,7 @@ def _anomaly_map_kernel(
 
 
 def block_sizes(gh: int, gw: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_H, BLOCK_W, GHP, GWP, KW, num_warps): tiles that stay spill-free on sm_90.
+    """(BLOCK_H, BLOCK_W, GHP, GWP, KW, num_warps): spill-free on sm_90 up to 128-wide grids.
 
     Patch-grid sides are padded to a power of two >= 16 (tl.dot's minimum) and the grid's
     columns are consumed KW at a time.
@@ -140,4 +141,4 @@ def anomaly_map_triton(
     return out
 
 
-INTERPRETED: bool = type(_anomaly_map_kernel).__name__ == "InterpretedFunction"
+MODE: str = kernel_mode(_anomaly_map_kernel)

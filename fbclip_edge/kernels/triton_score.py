@@ -1,6 +1,6 @@
 """Triton score_maps: one coalesced read of the token maps, fp32 accumulation, 2-way softmax.
 
-Imported lazily by dispatch; TRITON_INTERPRET must be set before this module is imported.
+Imported lazily by dispatch; TRITON_INTERPRET=1 only works if set before triton is imported.
 """
 
 # Triton reads parameter annotations as specialization hints: kernel arguments stay bare.
@@ -161,4 +161,14 @@ def score_maps_triton(
     return score, patch
 
 
-INTERPRETED: bool = type(_score_maps_kernel).__name__ == "InterpretedFunction"
+def kernel_mode(kernel: object) -> str:
+    """'compiled', 'interpreted', or 'mixed' when TRITON_INTERPRET changed after triton.language
+    was imported: then triton's own @jit helpers (tl.sum, tl.zeros) can run neither way."""
+    ours = type(kernel).__name__ == "InterpretedFunction"
+    library = type(tl.zeros).__name__ == "InterpretedFunction"
+    if ours != library:
+        return "mixed"
+    return "interpreted" if ours else "compiled"
+
+
+MODE: str = kernel_mode(_score_maps_kernel)
