@@ -139,7 +139,8 @@ def _background(style: Style, rng: Rng, size: int) -> np.ndarray:
 
 
 def _center(rng: Rng, size: int, spread: float = 0.03) -> tuple[float, float]:
-    return tuple(size / 2 + rng.normal(0, spread * size, 2))  # type: ignore[return-value]
+    dx, dy = rng.normal(0, spread * size, 2)
+    return size / 2 + float(dx), size / 2 + float(dy)
 
 
 def _object_scene(obj: np.ndarray, inside: np.ndarray, style: Style, rng: Rng) -> Scene:
