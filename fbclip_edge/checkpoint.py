@@ -33,8 +33,13 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 # Entries of the published checkpoint that the reference defines but never uses.
-_UNUSED_PROMPT_KEYS = ("token_prefix_", "token_suffix_", "tokenized_prompts_",
-                       "compound_prompts_text.", "compound_prompt_projections.")
+_UNUSED_PROMPT_KEYS = (
+    "token_prefix_",
+    "token_suffix_",
+    "tokenized_prompts_",
+    "compound_prompts_text.",
+    "compound_prompt_projections.",
+)
 _UNUSED_TRAINABLE_KEYS = ("layer_selector", "fusion_weights", "fusion_weight", "gate_network.")
 
 
@@ -44,8 +49,12 @@ def versions() -> dict[str, str]:
 
     from fbclip_edge import __version__
 
-    return {"fbclip_edge": __version__, "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "python": platform.python_version()}
+    return {
+        "fbclip_edge": __version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+    }
 
 
 @contextmanager
@@ -102,7 +111,9 @@ def read_config(path: str | Path) -> tuple[FBCLIPConfig, dict[str, Any]]:
     try:
         meta = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FBClipError(f"{config_path} is not valid JSON ({error}); re-create the model folder") from None
+        raise FBClipError(
+            f"{config_path} is not valid JSON ({error}); re-create the model folder"
+        ) from None
     if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
         raise FBClipError(
             f"{config_path} is format {meta.get('format')!r} v{meta.get('format_version')}; this "
@@ -119,7 +130,8 @@ def check_state_dict(
     unexpected = sorted(set(given) - set(expected))
     shapes = sorted(
         f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(expected) & set(given) if tuple(given[k].shape) != tuple(expected[k].shape)
+        for k in set(expected) & set(given)
+        if tuple(given[k].shape) != tuple(expected[k].shape)
     )
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
@@ -127,8 +139,10 @@ def check_state_dict(
             shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise FBClipError(f"{what} does not fit this model ({'; '.join(problems)}); "
-                          "check that it was made for the same backbone and settings")
+        raise FBClipError(
+            f"{what} does not fit this model ({'; '.join(problems)}); "
+            "check that it was made for the same backbone and settings"
+        )
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> FBCLIP:
@@ -140,7 +154,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> FBCLIP:
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as error:
-        raise FBClipError(f"{weights} is corrupt or truncated ({error}); re-create the model folder") from None
+        raise FBClipError(
+            f"{weights} is corrupt or truncated ({error}); re-create the model folder"
+        ) from None
     model = FBCLIP(config)
     check_state_dict(model.state_dict(), state, str(weights))
     model.load_state_dict(state)
@@ -159,7 +175,9 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read checkpoint {path} ({type(error).__name__}); it is truncated or "
             "corrupt: download it again"
         ) from None
-    if not isinstance(checkpoint, dict) or not {"prompt_learner", "model_trainable_params"} <= set(checkpoint):
+    if not isinstance(checkpoint, dict) or not {"prompt_learner", "model_trainable_params"} <= set(
+        checkpoint
+    ):
         raise FBClipError(
             f"{path} is not a published FB-CLIP checkpoint (expected the keys prompt_learner "
             "and model_trainable_params)"
@@ -186,8 +204,10 @@ def official_to_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Ten
         elif not key.startswith(_UNUSED_TRAINABLE_KEYS):
             unknown.append(f"model_trainable_params.{key}")
     if unknown:
-        raise FBClipError(f"checkpoint has keys this importer does not know: {unknown[:10]}; "
-                          "is it an FB-CLIP checkpoint?")
+        raise FBClipError(
+            f"checkpoint has keys this importer does not know: {unknown[:10]}; "
+            "is it an FB-CLIP checkpoint?"
+        )
     return {k: v.float() for k, v in renamed.items()}
 
 
@@ -207,28 +227,49 @@ def import_official(
     published = read_official_checkpoint(checkpoint)
     learned = official_to_state_dict(published)
     clip, backbone = clip_from_file(clip_weights)
-    n_ctx = int(learned["prompt_learner.ctx_pos"].shape[-2]) if "prompt_learner.ctx_pos" in learned else 12
-    config = FBCLIPConfig(backbone=backbone, image_size=image_size,
-                          feature_layers=tuple(feature_layers or ()), n_ctx=n_ctx, **settings)
+    n_ctx = (
+        int(learned["prompt_learner.ctx_pos"].shape[-2])
+        if "prompt_learner.ctx_pos" in learned
+        else 12
+    )
+    config = FBCLIPConfig(
+        backbone=backbone,
+        image_size=image_size,
+        feature_layers=tuple(feature_layers or ()),
+        n_ctx=n_ctx,
+        **settings,
+    )
     model = FBCLIP(config, clip)
-    heads = {k: v for k, v in model.state_dict().items()
-             if not k.startswith("clip.") and k != "text_features_frozen"}
+    heads = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.startswith("clip.") and k != "text_features_frozen"
+    }
     check_state_dict(heads, learned, f"checkpoint {checkpoint}")
     model.load_state_dict(learned, strict=False)
     _check_prompt_tokens(model, published["prompt_learner"], checkpoint)
     model.eval()
     if out is not None:
-        source = {"kind": "official", "checkpoint": str(checkpoint), "clip_weights": str(clip_weights),
-                  "epoch": published.get("epoch"), "source_domain": published.get("source_domain")}
+        source = {
+            "kind": "official",
+            "checkpoint": str(checkpoint),
+            "clip_weights": str(clip_weights),
+            "epoch": published.get("epoch"),
+            "source_domain": published.get("source_domain"),
+        }
         save_model(model, out, source)
     return model
 
 
-def _check_prompt_tokens(model: FBCLIP, prompt_state: Mapping[str, torch.Tensor], name: object) -> None:
+def _check_prompt_tokens(
+    model: FBCLIP, prompt_state: Mapping[str, torch.Tensor], name: object
+) -> None:
     """The stored tokenized prompts must equal ours, or the contexts sit in the wrong place."""
     for row, suffix in enumerate(("pos", "neg")):
         stored = prompt_state.get(f"tokenized_prompts_{suffix}")
-        if stored is not None and not torch.equal(stored.reshape(-1).long(), model.prompt_learner.tokens[row].cpu()):
+        if stored is not None and not torch.equal(
+            stored.reshape(-1).long(), model.prompt_learner.tokens[row].cpu()
+        ):
             raise FBClipError(
                 f"checkpoint {name} was trained with different prompt text than "
                 f"'{model.config.class_name}' and the default templates; pass the matching "

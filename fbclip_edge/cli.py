@@ -26,7 +26,9 @@ def friendly_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FBClipError as error:
-            Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(
+                f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -38,13 +40,17 @@ def _layers(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise FBClipError(f"--feature-layers '{text}' must be comma-separated integers, e.g. 1,6,12,18,24") from None
+        raise FBClipError(
+            f"--feature-layers '{text}' must be comma-separated integers, e.g. 1,6,12,18,24"
+        ) from None
 
 
 @app.command()
 @friendly_errors
 def demo(
-    no_fixture: Annotated[bool, typer.Option(help="Ignore the reference fixture; use random tiny weights.")] = False,
+    no_fixture: Annotated[
+        bool, typer.Option(help="Ignore the reference fixture; use random tiny weights.")
+    ] = False,
     image_size: Annotated[int, typer.Option(help="Input side in pixels (multiple of 14).")] = 518,
 ) -> None:
     """Run FB-CLIP on the embedded tiny default and print its outputs (no downloads, no GPU)."""
@@ -60,24 +66,32 @@ def demo(
         worst = max(result.parity.values())
         verdict = "[green]match[/]" if worst < 1e-5 else "[red]MISMATCH[/]"
         details = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
-        console.print(f"parity with the authors' reference outputs: {verdict} (max abs diff: {details})")
+        console.print(
+            f"parity with the authors' reference outputs: {verdict} (max abs diff: {details})"
+        )
 
 
 @app.command("import-official")
 @friendly_errors
 def import_official_command(
-    clip_weights: Annotated[Path, typer.Option(help="OpenAI CLIP weights: .pt TorchScript file or state dict.")],
+    clip_weights: Annotated[
+        Path, typer.Option(help="OpenAI CLIP weights: .pt TorchScript file or state dict.")
+    ],
     checkpoint: Annotated[Path, typer.Option(help="Published FB-CLIP checkpoint (.pth).")],
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
     image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 518,
-    feature_layers: Annotated[str | None, typer.Option(help="Comma-separated 1-based blocks.")] = None,
+    feature_layers: Annotated[
+        str | None, typer.Option(help="Comma-separated 1-based blocks.")
+    ] = None,
 ) -> None:
     """Convert the authors' published checkpoint into an fbclip-edge model folder."""
     from fbclip_edge.checkpoint import import_official
 
     model = import_official(clip_weights, checkpoint, out, image_size, _layers(feature_layers))
     cfg = model.config
-    console.print(f"wrote {out} ({cfg.backbone.name}, {cfg.image_size} px, layers {list(cfg.feature_layers)})")
+    console.print(
+        f"wrote {out} ({cfg.backbone.name}, {cfg.image_size} px, layers {list(cfg.feature_layers)})"
+    )
 
 
 @app.command()
@@ -91,5 +105,7 @@ def flops(
     from fbclip_edge.model.flops import forward_flops
 
     count = forward_flops(FBCLIPConfig(backbone_config(backbone), image_size=image_size))
-    console.print(f"{backbone} @ {image_size}px: backbone {count.backbone / 1e9:.1f} GFLOPs, "
-                  f"heads {count.heads / 1e9:.1f} GFLOPs, total {count.total / 1e9:.1f} GFLOPs per image")
+    console.print(
+        f"{backbone} @ {image_size}px: backbone {count.backbone / 1e9:.1f} GFLOPs, "
+        f"heads {count.heads / 1e9:.1f} GFLOPs, total {count.total / 1e9:.1f} GFLOPs per image"
+    )

@@ -28,8 +28,10 @@ def find_fixture() -> Path | None:
     """$FBCLIP_FIXTURE, or ../shared/fixtures/fbclip-reference-tiny beside the checkout."""
     candidates = [os.environ.get(FIXTURE_ENV)]
     root = Path(__file__).resolve().parents[1]
-    candidates += [str(root.parent / "shared" / "fixtures" / "fbclip-reference-tiny"),
-                   str(root / "shared" / "fixtures" / "fbclip-reference-tiny")]
+    candidates += [
+        str(root.parent / "shared" / "fixtures" / "fbclip-reference-tiny"),
+        str(root / "shared" / "fixtures" / "fbclip-reference-tiny"),
+    ]
     for candidate in candidates:
         if candidate and all((Path(candidate) / name).is_file() for name in FIXTURE_FILES):
             return Path(candidate)
@@ -83,8 +85,9 @@ def run_demo(use_fixture: bool = True, image_size: int = 518) -> DemoResult:
     fixture = find_fixture() if use_fixture else None
     parity: dict[str, float] = {}
     if fixture is not None:
-        model = import_official(fixture / FIXTURE_FILES[0], fixture / FIXTURE_FILES[1],
-                                image_size=image_size)
+        model = import_official(
+            fixture / FIXTURE_FILES[0], fixture / FIXTURE_FILES[1], image_size=image_size
+        )
         if image_size == 518:
             parity, _ = fixture_parity(model, fixture)
         source = f"reference fixture {fixture}"
@@ -95,5 +98,10 @@ def run_demo(use_fixture: bool = True, image_size: int = 518) -> DemoResult:
     with torch.no_grad():
         output = model(preprocess(frames, model.config.image_size))
     maps = anomaly_map(output.patch_map, frames[0].shape[:2])
-    return DemoResult(source, model.config.image_size, output.image_score.tolist(),
-                      maps.amax(dim=(1, 2)).tolist(), parity)
+    return DemoResult(
+        source,
+        model.config.image_size,
+        output.image_score.tolist(),
+        maps.amax(dim=(1, 2)).tolist(),
+        parity,
+    )

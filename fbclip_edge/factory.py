@@ -68,7 +68,8 @@ def clip_from_state_dict(
     problems = list(result.missing_keys) + list(result.unexpected_keys)
     if problems:
         raise FBClipError(
-            f"CLIP state dict '{name}' does not match a ViT CLIP: missing {result.missing_keys[:8]}, "
+            f"CLIP state dict '{name}' does not match a ViT CLIP: "
+            f"missing {result.missing_keys[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}; pass weights in OpenAI layout"
         )
     return model.eval(), config

@@ -18,6 +18,8 @@ def anomaly_map(patch_map: ArrayT, size: tuple[int, int], sigma: float = 4.0) ->
     Returns the same kind as the input: numpy in, numpy out; torch in, torch out.
     """
     if isinstance(patch_map, np.ndarray):
-        result = _anomaly_map_kernel(torch.from_numpy(np.asarray(patch_map, np.float32)), size, sigma)
+        result = _anomaly_map_kernel(
+            torch.from_numpy(np.asarray(patch_map, np.float32)), size, sigma
+        )
         return result.numpy()
     return _anomaly_map_kernel(patch_map, size, sigma)

@@ -6,7 +6,6 @@ RGB, bicubic resize to S x S (no crop), scale to [0, 1], OpenAI mean/std.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from fbclip_edge.errors import FBClipError
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageLike = Union[np.ndarray, Image.Image]
+ImageLike = np.ndarray | Image.Image
 
 
 def to_rgb_uint8(image: ImageLike) -> np.ndarray:

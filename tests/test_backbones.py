@@ -83,10 +83,14 @@ def test_model_runs_at_another_size_than_configured():
 
 def test_pretrained_tag_offline_fails_with_the_other_two_ways():
     # A fresh interpreter with the hub forced offline, as on an air-gapped line PC.
-    code = ("from fbclip_edge.factory import clip_from_pretrained\n"
-            "clip_from_pretrained('ViT-B-32', 'openai')\n")
+    code = (
+        "from fbclip_edge.factory import clip_from_pretrained\n"
+        "clip_from_pretrained('ViT-B-32', 'openai')\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "could not get pretrained weights 'openai' for ViT-B-32" in last

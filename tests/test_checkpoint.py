@@ -18,14 +18,32 @@ from fbclip_edge.factory import read_state_dict_file
 runner = CliRunner()
 
 
-def test_cli_import_official_then_load_gives_reference_numbers(tmp_path, clip_weights, official_checkpoint, golden):
+def test_cli_import_official_then_load_gives_reference_numbers(
+    tmp_path, clip_weights, official_checkpoint, golden
+):
     out = tmp_path / "model"
-    result = runner.invoke(app, ["import-official", "--clip-weights", str(clip_weights),
-                                 "--checkpoint", str(official_checkpoint), "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "import-official",
+            "--clip-weights",
+            str(clip_weights),
+            "--checkpoint",
+            str(official_checkpoint),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     meta = json.loads((out / "config.json").read_text())
-    assert meta["config"]["image_size"] == 518 and meta["config"]["feature_layers"] == [1, 6, 12, 18, 24]
+    assert meta["config"]["image_size"] == 518 and meta["config"]["feature_layers"] == [
+        1,
+        6,
+        12,
+        18,
+        24,
+    ]
     assert meta["clip_weights"] == "embedded" and "torch" in meta["versions"]
     model = fbclip_edge.load(out)
     assert not model.training
@@ -40,7 +58,9 @@ def test_save_load_round_trip_keeps_every_tensor(tmp_path):
     model = create_model("tiny", image_size=224, seed=3)
     save_model(model, tmp_path / "m")
     again = load(tmp_path / "m")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert again.config == model.config
 
@@ -62,7 +82,10 @@ def test_state_dict_file_reads_torchscript_archive(tmp_path):
 
 def test_float16_openai_weights_are_kept_float32(tmp_path, clip_weights):
     state = torch.load(clip_weights, map_location="cpu")
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "half.pt")
+    torch.save(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+        tmp_path / "half.pt",
+    )
     model = create_model(None, clip_weights=tmp_path / "half.pt", image_size=224)
     assert model.clip.visual.conv1.weight.dtype == torch.float32
 
@@ -141,8 +164,18 @@ def test_unknown_checkpoint_keys_are_listed(tmp_path, clip_weights, official_che
 
 
 def test_cli_prints_error_without_traceback(tmp_path):
-    result = runner.invoke(app, ["import-official", "--clip-weights", str(tmp_path / "a.pt"),
-                                 "--checkpoint", str(tmp_path / "b.pth"), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "import-official",
+            "--clip-weights",
+            str(tmp_path / "a.pt"),
+            "--checkpoint",
+            str(tmp_path / "b.pth"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 1
     assert "error: checkpoint not found" in result.output
     assert "Traceback" not in result.output
@@ -154,5 +187,7 @@ def test_fixture_files_are_untouched_by_import(tmp_path, fixture_dir):
     before = {p.name: p.stat().st_size for p in Path(copy).iterdir()}
     from fbclip_edge import import_official
 
-    import_official(copy / "clip_openai_state_dict.pt", copy / "fbclip_checkpoint.pth", tmp_path / "m")
+    import_official(
+        copy / "clip_openai_state_dict.pt", copy / "fbclip_checkpoint.pth", tmp_path / "m"
+    )
     assert {p.name: p.stat().st_size for p in Path(copy).iterdir()} == before

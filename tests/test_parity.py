@@ -56,8 +56,14 @@ def test_training_losses_match_reference(reference_model, golden):
     reference_model.train()
     try:
         output = reference_model(golden["pixel_values"], return_maps=True)
-        losses = fbclip_losses(output.image_score, output.patch_map, output.maps[:, -1],
-                               reference_model.text_features, golden["labels"], golden["masks"])
+        losses = fbclip_losses(
+            output.image_score,
+            output.patch_map,
+            output.maps[:, -1],
+            reference_model.text_features,
+            golden["labels"],
+            golden["masks"],
+        )
     finally:
         reference_model.eval()
     assert abs(losses.focal_image.item() - golden["loss_focal_image"].item()) < TOL

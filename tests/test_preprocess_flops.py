@@ -16,8 +16,12 @@ from fbclip_edge.preprocess import OPENAI_MEAN, OPENAI_STD
 
 def test_frames_of_any_size_and_mode_become_the_same_batch():
     rgb = np.random.default_rng(0).integers(0, 256, (61, 90, 3), dtype=np.uint8)
-    kinds = [rgb, Image.fromarray(rgb), np.dstack([rgb, np.full((61, 90), 7, np.uint8)]),
-             Image.fromarray(rgb).convert("RGBA")]
+    kinds = [
+        rgb,
+        Image.fromarray(rgb),
+        np.dstack([rgb, np.full((61, 90), 7, np.uint8)]),
+        Image.fromarray(rgb).convert("RGBA"),
+    ]
     batches = [preprocess(k, image_size=28) for k in kinds]
     for batch in batches:
         assert batch.shape == (1, 3, 28, 28) and batch.dtype == torch.float32

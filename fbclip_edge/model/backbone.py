@@ -37,7 +37,9 @@ def backbone_config(name: str, quick_gelu: bool | None = None) -> BackboneConfig
         return BUILTIN_BACKBONES[name]
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        known = ", ".join(sorted(BUILTIN_BACKBONES)) + ", ViT-B-16, ViT-B-32, ViT-L-14, ViT-L-14-336"
+        known = (
+            ", ".join(sorted(BUILTIN_BACKBONES)) + ", ViT-B-16, ViT-B-32, ViT-L-14, ViT-L-14-336"
+        )
         raise FBClipError(f"unknown backbone '{name}'; use one of {known} (any open_clip ViT)")
     vision = dict(cfg["vision_cfg"])
     if "timm_model_name" in vision or not isinstance(vision.get("layers"), int):
@@ -65,8 +67,15 @@ def build_clip(config: BackboneConfig) -> CLIP:
 
 def config_from_openai_state_dict(state_dict: dict[str, torch.Tensor], name: str) -> BackboneConfig:
     """Infer a ViT CLIP architecture from tensor shapes in OpenAI's state-dict layout."""
-    required = ["visual.conv1.weight", "visual.positional_embedding", "text_projection",
-                "positional_embedding", "token_embedding.weight", "ln_final.weight", "visual.proj"]
+    required = [
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "text_projection",
+        "positional_embedding",
+        "token_embedding.weight",
+        "ln_final.weight",
+        "visual.proj",
+    ]
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise FBClipError(
@@ -76,19 +85,31 @@ def config_from_openai_state_dict(state_dict: dict[str, torch.Tensor], name: str
     conv = state_dict["visual.conv1.weight"]
     width, patch = int(conv.shape[0]), int(conv.shape[-1])
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    vision_layers = len({k.split(".")[3] for k in state_dict
-                         if k.startswith("visual.transformer.resblocks.")})
+    vision_layers = len(
+        {k.split(".")[3] for k in state_dict if k.startswith("visual.transformer.resblocks.")}
+    )
     text_width = int(state_dict["ln_final.weight"].shape[0])
-    text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+    text_layers = len(
+        {k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}
+    )
     head_width = 64 if width >= 64 else width
     return BackboneConfig(
         name=name,
         embed_dim=int(state_dict["text_projection"].shape[1]),
-        vision={"image_size": grid * patch, "layers": vision_layers, "width": width,
-                "patch_size": patch, "head_width": head_width},
-        text={"context_length": int(state_dict["positional_embedding"].shape[0]),
-              "vocab_size": int(state_dict["token_embedding.weight"].shape[0]),
-              "width": text_width, "heads": max(1, text_width // 64), "layers": text_layers},
+        vision={
+            "image_size": grid * patch,
+            "layers": vision_layers,
+            "width": width,
+            "patch_size": patch,
+            "head_width": head_width,
+        },
+        text={
+            "context_length": int(state_dict["positional_embedding"].shape[0]),
+            "vocab_size": int(state_dict["token_embedding.weight"].shape[0]),
+            "width": text_width,
+            "heads": max(1, text_width // 64),
+            "layers": text_layers,
+        },
         quick_gelu=True,
     )
 

@@ -67,8 +67,12 @@ class FBCLIP(nn.Module):
         )
         self.prompt_learner = PromptLearner(tokens, config.n_ctx, text_width)
         self.text_fusion = TextFusion(text_width, config.backbone.embed_dim)
-        self.fb_attention = FBAttention(config.backbone.vision_width, config.fb_heads, config.fb_dim_head)
-        self.scale_weights = nn.Parameter(torch.full((config.n_scale_weights,), 1.0 / config.n_scale_weights))
+        self.fb_attention = FBAttention(
+            config.backbone.vision_width, config.fb_heads, config.fb_dim_head
+        )
+        self.scale_weights = nn.Parameter(
+            torch.full((config.n_scale_weights,), 1.0 / config.n_scale_weights)
+        )
         # Frozen text features; filled by eval() / freeze_text(), saved with the model.
         self.register_buffer("text_features_frozen", torch.zeros(2, config.backbone.embed_dim))
         self.text_frozen = False
@@ -76,7 +80,9 @@ class FBCLIP(nn.Module):
     # ----- text side -----
     def encode_text(self) -> torch.Tensor:
         """Text features (2, D) from the current prompt contexts (differentiable)."""
-        return encode_text(self.clip, self.prompt_learner, self.text_fusion, self.config.text_fusion)
+        return encode_text(
+            self.clip, self.prompt_learner, self.text_fusion, self.config.text_fusion
+        )
 
     @torch.no_grad()
     def freeze_text(self) -> torch.Tensor:
@@ -115,12 +121,22 @@ class FBCLIP(nn.Module):
         cls, patches = flat[:, 0], flat[:, 1:]
         previous = torch.cat([layer_tokens[:, :1], layer_tokens[:, :-1]], dim=1)[:, :, 1:]
         previous = previous.reshape(batch * layers, tokens - 1, width)
-        fg = foreground_mask(patches, cls, previous, cfg.mask_weights, cfg.mask_smooth,
-                             cfg.mask_threshold, cfg.mask_low)
+        fg = foreground_mask(
+            patches,
+            cls,
+            previous,
+            cfg.mask_weights,
+            cfg.mask_smooth,
+            cfg.mask_threshold,
+            cfg.mask_low,
+        )
         # The first layer has no previous one: its change cue is zero (previous == itself).
         views = torch.stack(
-            [patches, semantic_view(patches, cls, fg, cfg.sem_mix),
-             spatial_view(patches, cls, fg, cfg.spa_kernel)],
+            [
+                patches,
+                semantic_view(patches, cls, fg, cfg.sem_mix),
+                spatial_view(patches, cls, fg, cfg.spa_kernel),
+            ],
             dim=1,
         )
         views = torch.cat([cls[:, None, None].expand(-1, 3, 1, -1), views], dim=2)
@@ -147,9 +163,7 @@ class FBCLIP(nn.Module):
         suppressed = suppress_background(enhanced, background, self.config.bs_mix)
         return layer_tokens, fg, enhanced, background, self.project(suppressed)
 
-    def score(
-        self, maps: torch.Tensor, text_features: torch.Tensor | None = None
-    ) -> FBCLIPOutput:
+    def score(self, maps: torch.Tensor, text_features: torch.Tensor | None = None) -> FBCLIPOutput:
         """Projected maps (B, M, T, D) -> image score (B,) and patch map (B, 1, g, g)."""
         text = self.text_features if text_features is None else text_features
         image_score, patch_prob = score_maps(
@@ -174,4 +188,6 @@ class FBCLIP(nn.Module):
         map_logits = unit @ text.float().t() / self.config.temperature
         output = self.score(maps, text)
         output.maps = maps
-        return FBCLIPIntermediates(layer_tokens, fg, enhanced, background, maps, map_logits, text, output)
+        return FBCLIPIntermediates(
+            layer_tokens, fg, enhanced, background, maps, map_logits, text, output
+        )

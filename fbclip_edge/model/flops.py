@@ -43,7 +43,9 @@ def backbone_flops(config: FBCLIPConfig, image_size: int | None = None) -> int:
     patches = (size // patch) ** 2
     tokens = patches + 1
     embed = 2 * patches * (3 * patch * patch) * width
-    block = _attention_flops(tokens, width, width, width) + 2 * 2 * tokens * width * int(width * mlp_ratio)
+    block = _attention_flops(tokens, width, width, width) + 2 * 2 * tokens * width * int(
+        width * mlp_ratio
+    )
     return embed + max(config.feature_layers) * block
 
 

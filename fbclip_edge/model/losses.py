@@ -24,8 +24,13 @@ class LossTerms:
 
     def as_floats(self) -> dict[str, float]:
         """Plain numbers for progress bars and logs."""
-        return {"focal_image": float(self.focal_image), "focal_pixel": float(self.focal_pixel),
-                "dice": float(self.dice), "scr": float(self.scr), "total": float(self.total)}
+        return {
+            "focal_image": float(self.focal_image),
+            "focal_pixel": float(self.focal_pixel),
+            "dice": float(self.dice),
+            "scr": float(self.scr),
+            "total": float(self.total),
+        }
 
 
 def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
@@ -44,7 +49,9 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - dice).mean()
 
 
-def scr_loss(last_map: torch.Tensor, text_features: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+def scr_loss(
+    last_map: torch.Tensor, text_features: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
     """Label-free semantic consistency: entropy of the pooled last map's class softmax plus
     a hinge that keeps the two logits apart. last_map (B, T, D) projected."""
     pooled = F.normalize(last_map.float().mean(dim=1), dim=-1)

@@ -32,9 +32,10 @@ class PromptLearner(nn.Module):
     def forward(self, token_embedding: nn.Embedding) -> torch.Tensor:
         """Prompt embeddings (2, context, Dt): [start, contexts, class words, end, padding]."""
         embedded = token_embedding(self.tokens)
-        ctx = torch.cat([self.ctx_pos.reshape(1, self.n_ctx, -1),
-                         self.ctx_neg.reshape(1, self.n_ctx, -1)]).to(embedded.dtype)
-        return torch.cat([embedded[:, :1], ctx, embedded[:, 1 + self.n_ctx:]], dim=1)
+        ctx = torch.cat(
+            [self.ctx_pos.reshape(1, self.n_ctx, -1), self.ctx_neg.reshape(1, self.n_ctx, -1)]
+        ).to(embedded.dtype)
+        return torch.cat([embedded[:, :1], ctx, embedded[:, 1 + self.n_ctx :]], dim=1)
 
 
 class TextFusion(nn.Module):
@@ -65,7 +66,9 @@ def encode_text(
 
     The text transformer runs without the causal mask, as the reference does.
     """
-    x = prompts(clip.token_embedding) + clip.positional_embedding.to(clip.token_embedding.weight.dtype)
+    x = prompts(clip.token_embedding) + clip.positional_embedding.to(
+        clip.token_embedding.weight.dtype
+    )
     batch_first = getattr(clip.transformer, "batch_first", True)
     x = clip.transformer(x if batch_first else x.transpose(0, 1), attn_mask=None)
     hidden = clip.ln_final(x if batch_first else x.transpose(0, 1))

@@ -65,7 +65,9 @@ def _neighbours(grid_map: torch.Tensor, kernel: int) -> list[torch.Tensor]:
     side = grid_map.shape[-1]
     radius = kernel // 2
     padded = F.pad(grid_map, (radius, radius, radius, radius))
-    return [padded[:, :, dy:dy + side, dx:dx + side] for dy in range(kernel) for dx in range(kernel)]
+    return [
+        padded[:, :, dy : dy + side, dx : dx + side] for dy in range(kernel) for dx in range(kernel)
+    ]
 
 
 def spatial_view(
@@ -77,7 +79,7 @@ def spatial_view(
     O(tokens x width) rather than kernel^2 times that (ViT-L at 518 px would need GBs).
     """
     count, patches, width = tokens.shape
-    side = int(round(patches ** 0.5))
+    side = int(round(patches**0.5))
     grid_tokens = tokens.transpose(1, 2).reshape(count, width, side, side)
     grid_fg = fg.reshape(count, 1, side, side)
     cls_unit = F.normalize(cls, dim=-1)[:, :, None, None]
@@ -87,14 +89,16 @@ def spatial_view(
         return (F.normalize(vectors, dim=1) * cls_unit).sum(dim=1)
 
     fg_mean = sum(n * m for n, m in shifts) / len(shifts)
-    bg_logits = torch.stack([cos_to_cls(n * (1 - m)) * (n * (1 - m)).norm(dim=1) for n, m in shifts], 1)
+    bg_logits = torch.stack(
+        [cos_to_cls(n * (1 - m)) * (n * (1 - m)).norm(dim=1) for n, m in shifts], 1
+    )
     fg_logits = torch.stack(
         [(1 - cos_to_cls(n * m)) * (n * m - fg_mean).norm(dim=1) for n, m in shifts], 1
     )
     bg_weights = bg_logits.softmax(dim=1)
     fg_weights = fg_logits.softmax(dim=1)
-    bg_sum = sum(bg_weights[:, j:j + 1] * n * (1 - m) for j, (n, m) in enumerate(shifts))
-    fg_sum = sum(fg_weights[:, j:j + 1] * n * m for j, (n, m) in enumerate(shifts))
+    bg_sum = sum(bg_weights[:, j : j + 1] * n * (1 - m) for j, (n, m) in enumerate(shifts))
+    fg_sum = sum(fg_weights[:, j : j + 1] * n * m for j, (n, m) in enumerate(shifts))
     bg_count = sum(1 - m for _, m in shifts).clamp_min(1e-8)
     fg_count = sum(m for _, m in shifts).clamp_min(1e-8)
     out = fg_sum / fg_count + bg_sum / bg_count

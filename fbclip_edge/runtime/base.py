@@ -44,7 +44,11 @@ class Backend(ABC):
         if not isinstance(pixel_values, torch.Tensor):
             raise FBClipError(f"run() takes a tensor or array, got {type(pixel_values).__name__}")
         size = self.image_size
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+        if (
+            pixel_values.dim() != 4
+            or pixel_values.shape[1] != 3
+            or tuple(pixel_values.shape[2:]) != (size, size)
+        ):
             raise FBClipError(
                 f"pixel_values shape {tuple(pixel_values.shape)} != (B, 3, {size}, {size}); "
                 "use fbclip_edge.preprocess(frames, image_size) first"
@@ -69,8 +73,13 @@ class Backend(ABC):
 class TorchBackend(Backend):
     """The PyTorch model itself: the reference every exported backend is compared with."""
 
-    def __init__(self, model: Any, device: str | torch.device | None = None,
-                 precision: str = "fp32", scoring_impl: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        scoring_impl: str = "auto",
+    ) -> None:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
         self.model = model.to(device=device).eval()
@@ -82,7 +91,9 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = pixel_values.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
             maps = self.model.encode_maps(pixels)
         output = self.model.score(maps)
         return output.image_score.float(), output.patch_map.float()
