@@ -163,11 +163,16 @@ class FBCLIP(nn.Module):
         suppressed = suppress_background(enhanced, background, self.config.bs_mix)
         return layer_tokens, fg, enhanced, background, self.project(suppressed)
 
-    def score(self, maps: torch.Tensor, text_features: torch.Tensor | None = None) -> FBCLIPOutput:
-        """Projected maps (B, M, T, D) -> image score (B,) and patch map (B, 1, g, g)."""
+    def score(
+        self, maps: torch.Tensor, text_features: torch.Tensor | None = None, impl: str = "auto"
+    ) -> FBCLIPOutput:
+        """Projected maps (B, M, T, D) -> image score (B,) and patch map (B, 1, g, g).
+
+        impl picks the fused kernel ('auto': Triton on CUDA at inference, torch otherwise).
+        """
         text = self.text_features if text_features is None else text_features
         image_score, patch_prob = score_maps(
-            maps, text, self.map_weights(), self.config.temperature
+            maps, text, self.map_weights(), self.config.temperature, impl=impl
         )
         side = int(round(patch_prob.shape[1] ** 0.5))
         return FBCLIPOutput(image_score, patch_prob.reshape(-1, 1, side, side))
