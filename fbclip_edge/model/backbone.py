@@ -116,7 +116,7 @@ def config_from_openai_state_dict(state_dict: dict[str, torch.Tensor], name: str
 
 def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of the patch part to grid x grid; CLS kept."""
-    old = round((pos.shape[0] - 1) ** 0.5)
+    old = round((int(pos.shape[0]) - 1) ** 0.5)  # int(): a constant when traced for ONNX
     if old == grid:
         return pos
     patch = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)

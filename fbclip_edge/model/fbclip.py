@@ -174,7 +174,7 @@ class FBCLIP(nn.Module):
         image_score, patch_prob = score_maps(
             maps, text, self.map_weights(), self.config.temperature, impl=impl
         )
-        side = int(round(patch_prob.shape[1] ** 0.5))
+        side = round(int(patch_prob.shape[1]) ** 0.5)  # int(): a constant when traced for ONNX
         return FBCLIPOutput(image_score, patch_prob.reshape(-1, 1, side, side))
 
     def forward(self, pixel_values: torch.Tensor, return_maps: bool = False) -> FBCLIPOutput:

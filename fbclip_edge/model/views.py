@@ -79,7 +79,7 @@ def spatial_view(
     O(tokens x width) rather than kernel^2 times that (ViT-L at 518 px would need GBs).
     """
     count, patches, width = tokens.shape
-    side = int(round(patches**0.5))
+    side = round(int(patches) ** 0.5)  # int(): a constant when traced for ONNX
     grid_tokens = tokens.transpose(1, 2).reshape(count, width, side, side)
     grid_fg = fg.reshape(count, 1, side, side)
     cls_unit = F.normalize(cls, dim=-1)[:, :, None, None]
