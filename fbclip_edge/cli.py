@@ -135,3 +135,39 @@ def make_synthetic_command(
         f"wrote {len(names)} categories ({', '.join(names)}) x {images} train + {images} test "
         f"images at {size} px to {out}"
     )
+
+
+@app.command("bench-kernels")
+@friendly_errors
+def bench_kernels(
+    out: Annotated[Path, typer.Option(help="Folder for kernels.json and kernels.md.")] = Path(
+        "bench-out/kernels"
+    ),
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:1 or cpu (default: cuda when present).")
+    ] = None,
+    batches: Annotated[
+        str | None, typer.Option(help="Comma-separated batch sizes (default 1,8,32 on CUDA).")
+    ] = None,
+    iters: Annotated[
+        int | None, typer.Option(help="Timed calls per case; the median is reported.")
+    ] = None,
+    flush_l2: Annotated[
+        bool, typer.Option(help="Evict the L2 cache before each timed call (CUDA).")
+    ] = True,
+) -> None:
+    """Microbenchmark the fused scoring and anomaly-map kernels against the unfused torch code."""
+    from fbclip_edge.bench.kernels import markdown, run_kernel_bench, write_kernel_bench
+
+    sizes = None
+    if batches:
+        try:
+            sizes = tuple(int(part) for part in batches.split(","))
+        except ValueError:
+            raise FBClipError(
+                f"--batches '{batches}' must be comma-separated integers, e.g. 1,8,32"
+            ) from None
+    report = run_kernel_bench(device=device, batches=sizes, iters=iters, flush_l2=flush_l2)
+    json_path, md_path = write_kernel_bench(report, out)
+    console.print(markdown(report), markup=False, highlight=False)
+    console.print(f"wrote {json_path} and {md_path}")

@@ -37,6 +37,11 @@ class Backend(ABC):
         """Input side S the backend was built for."""
         return self.info.image_size
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where `run` wants its input (and where preprocessing should happen)."""
+        return torch.device("cpu")
+
     def check_input(self, pixel_values: torch.Tensor | np.ndarray) -> torch.Tensor:
         """float32 (B, 3, S, S) tensor or array, else a one-line error naming the fix."""
         if isinstance(pixel_values, np.ndarray):
@@ -87,6 +92,11 @@ class TorchBackend(Backend):
         self.device = device
         self.scoring_impl = scoring_impl
         self.info = BackendInfo("torch", str(device), precision, model.config.image_size)
+
+    @property
+    def input_device(self) -> torch.device:
+        """The model's device: frames are preprocessed there."""
+        return self.device
 
     @torch.inference_mode()
     def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,148 @@
+"""`fbclip-edge predict`: score image files, write overlays and a results table.
+
+Unreadable files are reported by name and counted; the rest go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.progress import Progress
+
+from fbclip_edge.data.image_io import IMAGE_SUFFIXES, read_image
+from fbclip_edge.detector import Detector
+from fbclip_edge.errors import FBClipError
+from fbclip_edge.overlay import overlay_panel
+
+
+@dataclass
+class PredictRow:
+    """One scored file."""
+
+    file: str
+    score: float
+    decision: str  # "anomalous" | "good"
+    defect_area: int  # pixels
+    defect_fraction: float
+    overlay: str
+
+
+@dataclass
+class PredictResult:
+    """Everything predict produced."""
+
+    rows: list[PredictRow] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # file -> reason
+    out: Path | None = None
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files, folders (recursive) and glob patterns -> sorted unique image paths."""
+    found: set[Path] = set()
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            found.update(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        elif path.is_file():
+            found.add(path)
+        elif any(ch in text for ch in "*?["):
+            found.update(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        else:
+            raise FBClipError(f"input {text} does not exist; pass image files, folders or globs")
+    if not found:
+        raise FBClipError(
+            "no image files found in the inputs (looked for "
+            + ", ".join(sorted(IMAGE_SUFFIXES))
+            + ")"
+        )
+    return sorted(found)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", newline="") as stream:
+        stream.write(text)
+    os.chmod(temp, 0o644)
+    os.replace(temp, path)
+
+
+def write_tables(result: PredictResult, out: Path) -> None:
+    """results.csv and results.json (with the failures), each written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "score", "decision", "defect_area", "defect_fraction", "overlay"])
+    for row in result.rows:
+        writer.writerow(
+            [
+                row.file,
+                f"{row.score:.6f}",
+                row.decision,
+                row.defect_area,
+                f"{row.defect_fraction:.6f}",
+                row.overlay,
+            ]
+        )
+    _atomic_text(out / "results.csv", buffer.getvalue())
+    payload = {
+        "results": [asdict(r) for r in result.rows],
+        "failed": result.failed,
+        "counts": {
+            "scored": len(result.rows),
+            "failed": len(result.failed),
+            "anomalous": sum(r.decision == "anomalous" for r in result.rows),
+        },
+    }
+    _atomic_text(out / "results.json", json.dumps(payload, indent=2) + "\n")
+
+
+def predict_files(
+    detector: Detector, inputs: Iterable[str | Path], out: str | Path, show_progress: bool = True
+) -> PredictResult:
+    """Score every input image; write one overlay PNG per image plus the result tables."""
+    files = collect_inputs(inputs)
+    out = Path(out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    result = PredictResult(out=out)
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("scoring", total=len(files))
+        for index, path in enumerate(files):
+            progress.advance(task)
+            try:
+                image = read_image(path)
+            except FBClipError as error:
+                result.failed[str(path)] = str(error)
+                continue
+            detection = detector.predict(image)[0]
+            decision = "anomalous" if detection.is_anomalous else "good"
+            name = f"{index:05d}_{path.stem}.png"
+            caption = (
+                f"{path.parent.name}/{path.name}  score {detection.image_score:.3f}  {decision}"
+            )
+            panel = overlay_panel(image, detection.anomaly_map, detection.defect_mask, caption)
+            temp = out / "overlays" / f".{name}.tmp"
+            panel.save(temp, format="PNG")
+            os.replace(temp, out / "overlays" / name)
+            area = detection.defect_area
+            result.rows.append(
+                PredictRow(
+                    str(path),
+                    detection.image_score,
+                    decision,
+                    area,
+                    area / detection.defect_mask.size,
+                    f"overlays/{name}",
+                )
+            )
+    write_tables(result, out)
+    return result

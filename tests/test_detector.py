@@ -1,0 +1,119 @@
+"""The line-inspection API: every frame kind, original-resolution outputs, streaming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fbclip_edge import FBClipError, create_model
+from fbclip_edge.detector import Detector, Thresholds, split_frames
+from fbclip_edge.runtime import TorchBackend
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return Detector(TorchBackend(create_model("tiny", image_size=56, seed=0), device="cpu"))
+
+
+def _rgb(height=30, width=44, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "kind", ["rgb", "grey", "rgba", "uint16", "pil", "pil_grey", "tensor_hwc", "tensor_grey"]
+)
+def test_every_input_kind_gives_full_resolution_outputs(detector, kind):
+    rgb = _rgb()
+    frame = {
+        "rgb": rgb,
+        "grey": rgb[..., 0],
+        "rgba": np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
+        "uint16": rgb.astype(np.uint16) * 257,
+        "pil": Image.fromarray(rgb),
+        "pil_grey": Image.fromarray(rgb[..., 0]),
+        "tensor_hwc": torch.from_numpy(rgb),
+        "tensor_grey": torch.from_numpy(rgb[..., 0].copy()),
+    }[kind]
+    (detection,) = detector.predict(frame)
+    assert detection.anomaly_map.shape == (30, 44) and detection.anomaly_map.dtype == np.float32
+    assert detection.defect_mask.shape == (30, 44) and detection.defect_mask.dtype == bool
+    assert 0.0 < detection.image_score < 1.0
+    assert detection.is_anomalous == (detection.image_score >= detector.thresholds.image)
+
+
+def test_same_pixels_same_answer_across_kinds(detector):
+    rgb = _rgb(seed=3)
+    a = detector.predict(rgb)[0]
+    b = detector.predict(Image.fromarray(rgb))[0]
+    c = detector.predict(np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)]))[0]
+    assert a.image_score == b.image_score == c.image_score
+    assert np.array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_batch_of_mixed_sizes_keeps_each_frames_resolution(detector):
+    frames = [_rgb(30, 44), _rgb(64, 20, seed=1), _rgb(56, 56, seed=2)]
+    detections = detector.predict(frames)
+    assert [d.anomaly_map.shape for d in detections] == [(30, 44), (64, 20), (56, 56)]
+    batch = np.stack([_rgb(30, 44, seed=s) for s in range(3)])
+    assert len(detector.predict(batch)) == 3
+    single = [detector.predict(f)[0].image_score for f in frames]
+    assert np.allclose([d.image_score for d in detections], single, atol=1e-6)
+
+
+def test_thresholds_drive_decision_and_mask(detector):
+    rgb = _rgb(seed=4)
+    loose = Detector(detector.backend, Thresholds(image=0.0, pixel=0.0))
+    strict = Detector(detector.backend, Thresholds(image=1.01, pixel=1.01))
+    assert loose.predict(rgb)[0].is_anomalous and loose.predict(rgb)[0].defect_area == 30 * 44
+    assert not strict.predict(rgb)[0].is_anomalous and strict.predict(rgb)[0].defect_area == 0
+
+
+def test_bad_frames_are_refused_clearly(detector):
+    with pytest.raises(FBClipError, match="dtype float64"):
+        detector.predict(np.zeros((8, 8, 3)))
+    with pytest.raises(FBClipError, match="empty batch"):
+        detector.predict([])
+    with pytest.raises(FBClipError, match="tensor frames must be uint8"):
+        detector.predict(torch.zeros(8, 8, 3))
+    with pytest.raises(FBClipError, match="arrays, PIL images or tensors"):
+        split_frames("frame.png")
+
+
+def test_stream_matches_predict_in_order(detector):
+    frames = [_rgb(seed=s) for s in range(7)]
+    streamed = list(detector.stream(iter(frames), batch_size=3))
+    direct = detector.predict(frames)
+    assert [round(d.image_score, 6) for d in streamed] == [round(d.image_score, 6) for d in direct]
+
+
+def test_stream_raises_producer_errors(detector):
+    frames = [_rgb(), np.zeros((4, 4, 3), np.float64), _rgb()]
+    with pytest.raises(FBClipError, match="dtype float64"):
+        list(detector.stream(iter(frames)))
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+
+
+@pytest.mark.slow
+def test_stream_soak_2000_frames_stable_memory(detector, capsys):
+    """2,000 frames through stream: none dropped, RSS at the end close to the start."""
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(16)]
+    warm = list(detector.stream((pool[i % 16] for i in range(64)), batch_size=4))
+    assert len(warm) == 64
+    start = _rss_kib()
+    count = 0
+    for count, detection in enumerate(
+        detector.stream((pool[i % 16] for i in range(2000)), batch_size=4), 1
+    ):
+        assert detection.anomaly_map.shape == (48, 64)
+    end = _rss_kib()
+    with capsys.disabled():
+        print(f"\nstream soak: {count} frames, RSS {start / 1024:.1f} MiB -> {end / 1024:.1f} MiB")
+    assert count == 2000
+    assert end - start < 64 * 1024  # KiB: growth under 64 MiB over 2,000 frames
