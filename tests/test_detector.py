@@ -108,7 +108,7 @@ def test_stream_soak_2000_frames_stable_memory(detector, capsys):
     assert len(warm) == 64
     start = _rss_kib()
     count = 0
-    for count, detection in enumerate(
+    for count, detection in enumerate(  # noqa: B007 - count is read after the loop
         detector.stream((pool[i % 16] for i in range(2000)), batch_size=4), 1
     ):
         assert detection.anomaly_map.shape == (48, 64)
