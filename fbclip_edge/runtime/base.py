@@ -6,6 +6,7 @@ makes them and returns image_score (B,) and patch_map (B, 1, g, g) as float32 to
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ class Backend(ABC):
     """Base class: input checking lives here so every backend refuses bad input alike."""
 
     info: BackendInfo
+    # (min, max) batch of the artifacts a backend was opened from; None: any batch.
+    batch_range: tuple[int, int] | None = None
 
     @property
     def image_size(self) -> int:
@@ -64,6 +67,15 @@ class Backend(ABC):
             )
         if pixel_values.shape[0] == 0:
             raise FBClipError("pixel_values has an empty batch")
+        if self.batch_range is not None:
+            low, high = self.batch_range
+            batch = pixel_values.shape[0]
+            if not low <= batch <= high:
+                raise FBClipError(
+                    f"batch {batch} is outside the batch profile {low}..{high} these artifacts "
+                    f"were exported for; split the batch, or re-export with "
+                    f"--batch {low}:{min(max(batch, low), high)}:{max(batch, high)}"
+                )
         return pixel_values
 
     def run(self, pixel_values: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +85,31 @@ class Backend(ABC):
     @abstractmethod
     def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backend-specific inference on checked input."""
+
+
+class MapScorer:
+    """Projected maps (B, M, T, D) -> image_score, patch_map with the fused kernels, as
+    `FBCLIP.score` does; used by backends that run only the vision graph."""
+
+    def __init__(
+        self, text_features: torch.Tensor, map_weights: torch.Tensor, temperature: float
+    ) -> None:
+        self.text_features = text_features.float()
+        self.map_weights = map_weights.float()
+        self.temperature = float(temperature)
+
+    def __call__(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores on the maps' device; Triton there when it is CUDA and Triton imports."""
+        from fbclip_edge.kernels import score_maps
+
+        if self.text_features.device != maps.device:
+            self.text_features = self.text_features.to(maps.device)
+            self.map_weights = self.map_weights.to(maps.device)
+        image_score, patch_prob = score_maps(
+            maps, self.text_features, self.map_weights, self.temperature
+        )
+        side = math.isqrt(patch_prob.shape[1])
+        return image_score.float(), patch_prob.float().reshape(-1, 1, side, side)
 
 
 class TorchBackend(Backend):
