@@ -1,0 +1,503 @@
+"""Zero-shot evaluation through any `Backend` (torch, onnxruntime, TensorRT): per-category and
+mean image/pixel metrics at ground-truth resolution, as a rich table, JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fbclip_edge.data import Sample, load_dataset, read_image, read_mask
+from fbclip_edge.data.layouts import LayoutKind
+from fbclip_edge.errors import FBClipError
+from fbclip_edge.metrics import METRIC_KEYS, evaluate
+from fbclip_edge.postprocess import anomaly_map
+from fbclip_edge.preprocess import preprocess
+from fbclip_edge.runtime.base import Backend, TorchBackend
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+METRIC_LABELS = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1max",
+    "pixel_aupro": "AU-PRO (official)",
+    "pixel_aupro_200": "AU-PRO (200 thr.)",
+}
+METRIC_NOTES = {
+    "pixel_aupro": "AU-PRO as MVTec AD defines it: the exact PRO curve over 8-connected "
+    "defect regions, integrated up to FPR 0.3 and divided by 0.3",
+    "pixel_aupro_200": "AU-PRO as the zero-shot code bases compute it (AnomalyCLIP / AdaCLIP "
+    "cal_pro_score): 200 thresholds, steps with FPR < 0.3 kept, their FPR min-max normalised "
+    "before integrating; not comparable with the official value",
+}
+# Short column names for the terminal table (the caption names the two AU-PRO variants).
+TABLE_LABELS = {**METRIC_LABELS, "pixel_aupro": "AU-PRO", "pixel_aupro_200": "AU-PRO-200"}
+
+
+@dataclass
+class EvalConfig:
+    """What `run_eval` evaluates and through which backend.
+
+    `model` (a model folder) runs the PyTorch model; `artifacts` (an export folder) goes
+    through `fbclip_edge.runtime.open`, so onnxruntime and TensorRT share this loop.
+    """
+
+    data: Path
+    model: Path | None = None
+    artifacts: Path | None = None
+    backend: str = "torch"
+    dataset: LayoutKind = "auto"
+    split: str = "test"
+    categories: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    device: str | None = None
+    precision: str | None = None
+    provider: str | None = None
+    batch_size: int = 8
+    sigma: float = 4.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data = Path(self.data)
+        self.model = None if self.model is None else Path(self.model)
+        self.artifacts = None if self.artifacts is None else Path(self.artifacts)
+        if self.categories is not None:
+            self.categories = tuple(self.categories)
+        self.exclude = tuple(self.exclude)
+        if self.backend not in BACKENDS:
+            raise FBClipError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend}")
+        if (self.model is None) == (self.artifacts is None):
+            raise FBClipError("pass exactly one of --model DIR and --artifacts DIR")
+        if self.batch_size < 1:
+            raise FBClipError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class CategoryResult:
+    """Metrics (fractions) of one category plus what they were computed on."""
+
+    metrics: dict[str, float]
+    images: int
+    anomalous: int
+    resolution: list[int]
+    resized_from: list[list[int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalReport:
+    """Per-category results, the mean over categories, backend and timing.
+
+    Means skip a category whose metric is NaN (e.g. no anomalous images: no AUROC);
+    `nan_categories` lists them per metric so a mean never hides a missing category.
+    """
+
+    categories: dict[str, CategoryResult]
+    mean: dict[str, float]
+    nan_categories: dict[str, list[str]]
+    backend: dict[str, Any]
+    timing: dict[str, float]
+    sigma: float
+    notes: list[str] = field(default_factory=list)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: fractions in [0, 1]; NaN becomes null so the file is strict JSON."""
+        data = {
+            "metrics": {key: METRIC_LABELS[key] for key in METRIC_KEYS},
+            "metric_notes": METRIC_NOTES,
+            "mean": self.mean,
+            "categories": {name: asdict(result) for name, result in self.categories.items()},
+            "nan_categories": self.nan_categories,
+            "backend": self.backend,
+            "timing": self.timing,
+            "anomaly_map": {"sigma": self.sigma, "resolution": "ground truth"},
+            "notes": self.notes,
+            "dataset": self.dataset,
+            "model": self.model,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return _nan_to_none(data)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _by_category(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    grouped: dict[str, list[Sample]] = {}
+    for sample in samples:
+        grouped.setdefault(sample.category, []).append(sample)
+    return dict(sorted(grouped.items()))
+
+
+def _chunks(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class _Collected:
+    """Scores, maps and masks of one category, each map at its own ground-truth size."""
+
+    labels: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    maps: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    inference_seconds: float = 0.0
+
+
+def _run_category(
+    backend: Backend,
+    samples: Sequence[Sample],
+    batch_size: int,
+    sigma: float,
+    advance: Callable[[int, str], None],
+) -> _Collected:
+    """Read at original resolution, preprocess, infer in batches, map at mask resolution."""
+    collected = _Collected()
+    for batch in _chunks(samples, batch_size):
+        images = [read_image(s.image_path) for s in batch]
+        pixels = preprocess(images, backend.image_size)
+        started = time.perf_counter()
+        scores, patch_maps = backend.run(pixels)
+        scores = scores.detach().float().cpu()
+        patch_maps = patch_maps.detach().float().cpu()
+        collected.inference_seconds += time.perf_counter() - started
+        for index, (sample, image) in enumerate(zip(batch, images, strict=True)):
+            height, width = image.shape[:2]
+            mask = read_mask(sample.mask_path, (height, width))
+            amap = anomaly_map(patch_maps[index : index + 1], (height, width), sigma)[0]
+            collected.labels.append(int(sample.label))
+            collected.scores.append(float(scores[index]))
+            collected.maps.append(amap.numpy())
+            collected.masks.append(mask > 0.5)
+        advance(len(batch), batch[0].category)
+    return collected
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour with PIL, the same sampling read_mask uses."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) > 127
+
+
+def _common_size(
+    maps: list[np.ndarray], masks: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, list[int], list[list[int]]]:
+    """Stack maps and masks; where sizes differ, resize to the most common size (bilinear
+    maps, nearest masks), since the pixel metrics need one (N, H, W) array."""
+    shapes = Counter(m.shape for m in maps)
+    target = shapes.most_common(1)[0][0]
+    others = sorted({m.shape for m in maps} - {target})
+    if not others:
+        return np.stack(maps), np.stack(masks), list(target), []
+    resized_maps, resized_masks = [], []
+    for amap, mask in zip(maps, masks, strict=True):
+        if amap.shape != target:
+            amap = F.interpolate(
+                torch.from_numpy(amap)[None, None],
+                size=target,
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0].numpy()
+            mask = _resize_mask(mask, target)
+        resized_maps.append(amap)
+        resized_masks.append(mask)
+    return np.stack(resized_maps), np.stack(resized_masks), list(target), [list(s) for s in others]
+
+
+def _mean(results: dict[str, CategoryResult]) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """NaN-aware mean per metric and, per metric, the categories that were skipped."""
+    mean: dict[str, float] = {}
+    skipped: dict[str, list[str]] = {}
+    for key in METRIC_KEYS:
+        values = {name: r.metrics[key] for name, r in results.items()}
+        finite = [v for v in values.values() if not math.isnan(v)]
+        mean[key] = float(np.mean(finite)) if finite else float("nan")
+        missing = [name for name, v in values.items() if math.isnan(v)]
+        if missing:
+            skipped[key] = missing
+    return mean, skipped
+
+
+def evaluate_backend(
+    backend: Backend,
+    samples: Sequence[Sample],
+    batch_size: int = 8,
+    sigma: float = 4.0,
+    progress: bool = False,
+) -> EvalReport:
+    """Metrics per category and their mean for any Backend (the export parity uses this).
+
+    Maps follow spec section 6: patch map bilinearly upsampled to each image's ground-truth
+    size, then Gaussian sigma; the backend only supplies image scores and patch maps.
+    """
+    if not samples:
+        raise FBClipError("no samples to evaluate; check the dataset path and category filters")
+    grouped = _by_category(samples)
+    results: dict[str, CategoryResult] = {}
+    notes: list[str] = []
+    inference = 0.0
+    started = time.perf_counter()
+    with _EvalProgress(progress, len(samples)) as advance:
+        for name, members in grouped.items():
+            category_start = time.perf_counter()
+            collected = _run_category(backend, members, batch_size, sigma, advance)
+            inference += collected.inference_seconds
+            maps, masks, resolution, resized = _common_size(collected.maps, collected.masks)
+            if resized:
+                notes.append(
+                    f"{name}: images of sizes {resized} were resized to {resolution} for the "
+                    "pixel metrics (maps bilinear, masks nearest)"
+                )
+            metrics = evaluate(
+                np.asarray(collected.labels), np.asarray(collected.scores), masks, maps
+            )
+            results[name] = CategoryResult(
+                metrics=metrics,
+                images=len(members),
+                anomalous=int(sum(collected.labels)),
+                resolution=resolution,
+                resized_from=resized,
+                seconds=round(time.perf_counter() - category_start, 3),
+            )
+    mean, skipped = _mean(results)
+    total = time.perf_counter() - started
+    info = backend.info
+    return EvalReport(
+        categories=results,
+        mean=mean,
+        nan_categories=skipped,
+        backend={
+            "name": info.name,
+            "device": info.device,
+            "precision": info.precision,
+            "image_size": info.image_size,
+            **{k: v for k, v in info.details.items() if _jsonable(v)},
+        },
+        timing={
+            "images": len(samples),
+            "seconds_total": round(total, 3),
+            "seconds_inference": round(inference, 3),
+            "ms_per_image_inference": round(1000 * inference / len(samples), 3),
+        },
+        sigma=sigma,
+        notes=notes,
+    )
+
+
+class _EvalProgress:
+    """A rich progress bar over images that yields an `advance(n, category)` callback."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total, self.bar, self.task = enabled, total, None, None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda n, name: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        )
+        self.bar.__enter__()
+        self.task = self.bar.add_task("evaluating", total=self.total)
+
+        def advance(n: int, name: str) -> None:
+            self.bar.update(self.task, advance=n, description=f"evaluating {name}")
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def open_backend(config: EvalConfig) -> Backend:
+    """TorchBackend from a model folder, or the export runtime for an artifacts folder."""
+    if config.model is not None:
+        if config.backend not in ("torch", "auto"):
+            raise FBClipError(
+                f"--backend {config.backend} runs exported artifacts: export the model with "
+                "`fbclip-edge export` and pass --artifacts DIR instead of --model"
+            )
+        from fbclip_edge.checkpoint import load
+
+        precision = config.precision or "fp32"
+        if precision not in ("fp32", "fp16"):
+            raise FBClipError(f"--precision {precision} is not fp32 or fp16 for the torch backend")
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return TorchBackend(load(config.model, device), device, precision)
+    try:
+        from fbclip_edge.runtime import open as runtime_open
+    except ImportError as error:
+        raise FBClipError(
+            f"cannot open exported artifacts here ({error}); export the model with "
+            "`fbclip-edge export` on an install that has it, or evaluate the model folder "
+            "with --model DIR --backend torch"
+        ) from None
+    opener = getattr(runtime_open, "open", runtime_open)  # the function, or its module
+    return opener(
+        config.artifacts,
+        backend=config.backend,
+        provider=config.provider,
+        device=config.device,
+        precision=config.precision,
+    )
+
+
+def run_eval(config: EvalConfig) -> EvalReport:
+    """Load the data and the backend, evaluate, and record where both came from."""
+    samples = load_dataset(
+        config.data,
+        kind=config.dataset,
+        split=config.split,
+        categories=config.categories,
+        exclude=config.exclude,
+        require_masks=True,
+    )
+    backend = open_backend(config)
+    report = evaluate_backend(backend, samples, config.batch_size, config.sigma, config.progress)
+    report.dataset = {
+        "root": str(config.data),
+        "kind": config.dataset,
+        "split": config.split,
+        "categories": list(report.categories),
+    }
+    report.model = {"model": str(config.model or ""), "artifacts": str(config.artifacts or "")}
+    if config.model is not None:
+        report.model["source"] = _model_source(config.model)
+    return report
+
+
+def _model_source(folder: Path) -> dict[str, Any]:
+    from fbclip_edge.checkpoint import read_config
+
+    _, meta = read_config(folder)
+    return dict(meta.get("source", {}))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _rows(report: EvalReport) -> list[list[str]]:
+    rows = [
+        [name, str(r.images)] + [_percent(r.metrics[k]) for k in METRIC_KEYS]
+        for name, r in report.categories.items()
+    ]
+    total = sum(r.images for r in report.categories.values())
+    rows.append(["mean", str(total)] + [_percent(report.mean[k]) for k in METRIC_KEYS])
+    return rows
+
+
+def _header(labels: dict[str, str] = METRIC_LABELS) -> list[str]:
+    return ["category", "images"] + [labels[k] for k in METRIC_KEYS]
+
+
+def _backend_line(report: EvalReport) -> str:
+    b, t = report.backend, report.timing
+    return (
+        f"backend {b['name']} on {b['device']} ({b['precision']}, {b['image_size']} px): "
+        f"{t['images']} images, {t['ms_per_image_inference']:.1f} ms/image inference, "
+        f"{t['seconds_total']:.1f} s total"
+    )
+
+
+def report_table(report: EvalReport) -> Any:
+    """A rich Table: categories and the mean as rows, metrics in percent (1 decimal)."""
+    from rich.table import Table
+
+    caption = (
+        f"{_backend_line(report)}\nAU-PRO: official MVTec AD definition; AU-PRO-200: the "
+        "200-threshold code-base variant (see the Markdown report)"
+    )
+    table = Table(title="FB-CLIP zero-shot evaluation (%)", caption=caption)
+    for index, name in enumerate(_header(TABLE_LABELS)):
+        table.add_column(name, justify="left" if index == 0 else "right", no_wrap=index == 0)
+    rows = _rows(report)
+    for index, row in enumerate(rows[:-1]):
+        table.add_row(*row, end_section=index == len(rows) - 2)
+    table.add_row(*rows[-1], style="bold")
+    return table
+
+
+def report_markdown(report: EvalReport) -> str:
+    """The same table as Markdown, with the backend, the metric notes and any caveats."""
+    header = _header()
+    lines = [
+        "# FB-CLIP zero-shot evaluation",
+        "",
+        _backend_line(report),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for row in _rows(report):
+        if row[0] == "mean":
+            row = [f"**{cell}**" for cell in row]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Values in percent; the JSON report keeps fractions.", ""]
+    lines += [f"- {METRIC_LABELS[k]}: {note}" for k, note in METRIC_NOTES.items()]
+    for key, names in report.nan_categories.items():
+        lines.append(f"- {METRIC_LABELS[key]} undefined for {', '.join(names)} (left out of mean)")
+    lines += [f"- {note}" for note in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_report(
+    report: EvalReport, json_path: str | Path, md_path: str | Path | None = None
+) -> tuple[Path, Path]:
+    """Write JSON and Markdown (default: the JSON path with .md), each replaced atomically."""
+    json_path = Path(json_path)
+    md_path = json_path.with_suffix(".md") if md_path is None else Path(md_path)
+    _write_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    _write_atomic(md_path, report_markdown(report))
+    return json_path, md_path
