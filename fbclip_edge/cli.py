@@ -171,3 +171,153 @@ def bench_kernels(
     json_path, md_path = write_kernel_bench(report, out)
     console.print(markdown(report), markup=False, highlight=False)
     console.print(f"wrote {json_path} and {md_path}")
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """'a,b' -> ('a', 'b'); empty or None -> None."""
+    if not text:
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip()) or None
+
+
+@app.command("train")
+@friendly_errors
+def train_command(
+    data: Annotated[Path, typer.Option(help="Auxiliary dataset root (trained on its test split).")],
+    out: Annotated[
+        Path, typer.Option(help="Run folder: epoch-NNN/ model folders, last, history.json.")
+    ],
+    dataset: Annotated[str, typer.Option(help="Layout: auto, mvtec, visa or meta.")] = "auto",
+    split: Annotated[str, typer.Option(help="Split to train on (the recipe: test).")] = "test",
+    categories: Annotated[
+        str | None, typer.Option(help="Comma-separated categories to train on.")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option(help="Comma-separated categories to hold out.")
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="open_clip ViT name or 'tiny'.")] = "ViT-L-14-336",
+    pretrained: Annotated[
+        str, typer.Option(help="open_clip pretrained tag; 'none' for random CLIP.")
+    ] = "openai",
+    clip_weights: Annotated[
+        Path | None,
+        typer.Option(help="Local OpenAI CLIP .pt or state dict (wins over --backbone)."),
+    ] = None,
+    image_size: Annotated[int, typer.Option(help="Input side in pixels (multiple of 14).")] = 518,
+    feature_layers: Annotated[
+        str | None, typer.Option(help="Comma-separated 1-based blocks.")
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option(help="Total epochs (a resumed run continues up to it).")
+    ] = 3,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-5,
+    seed: Annotated[int, typer.Option(help="Seed for weights init, shuffling and RNGs.")] = 42,
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:1 or cpu (default: cuda if any).")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
+    ] = "auto",
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Cap on steps per epoch (smoke tests).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Epoch folder to continue from, e.g. OUT/last.")
+    ] = None,
+    progress: Annotated[
+        bool, typer.Option(help="Show the progress bar with the loss terms.")
+    ] = True,
+) -> None:
+    """Train FB-CLIP's learned parts on an auxiliary dataset with frozen CLIP (paper recipe)."""
+    from fbclip_edge.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=data,
+        out=out,
+        dataset=dataset,  # type: ignore[arg-type]
+        split=split,
+        categories=_names(categories),
+        exclude=_names(exclude) or (),
+        backbone=backbone,
+        pretrained=pretrained,
+        clip_weights=clip_weights,
+        image_size=image_size,
+        feature_layers=_layers(feature_layers),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        precision=precision,
+        num_workers=num_workers,
+        max_steps=max_steps,
+        resume=resume,
+        progress=progress,
+    )
+    result = train(config)
+    for log in result.history:
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in log.losses.items())
+        console.print(f"epoch {log.epoch}: {log.steps} steps, {log.images} images, {terms}")
+    console.print(f"wrote {len(result.checkpoints)} checkpoint(s) to {out}; latest: {result.last}")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    data: Annotated[Path, typer.Option(help="Dataset root to evaluate on (its test split).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder (runs with --backend torch).")
+    ] = None,
+    artifacts: Annotated[
+        Path | None, typer.Option(help="Export folder (for --backend onnxruntime|tensorrt|auto).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="torch, onnxruntime, tensorrt or auto.")] = "torch",
+    dataset: Annotated[str, typer.Option(help="Layout: auto, mvtec, visa or meta.")] = "auto",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    categories: Annotated[
+        str | None, typer.Option(help="Comma-separated categories (default: all).")
+    ] = None,
+    exclude: Annotated[str | None, typer.Option(help="Comma-separated categories to skip.")] = None,
+    device: Annotated[str | None, typer.Option(help="Torch device (default: cuda if any).")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32 or fp16 (default: fp32 for torch, the runtime's for artifacts)."),
+    ] = None,
+    provider: Annotated[str | None, typer.Option(help="onnxruntime execution provider.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per backend call.")] = 8,
+    sigma: Annotated[
+        float, typer.Option(help="Gaussian sigma of the anomaly map (spec: 4).")
+    ] = 4.0,
+    out: Annotated[
+        Path | None, typer.Option(help="JSON report to write; the Markdown goes beside it (.md).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Zero-shot metrics per category and mean: image/pixel AUROC, AP, max-F1 and AU-PRO."""
+    from fbclip_edge.eval import EvalConfig, report_table, run_eval, write_report
+
+    config = EvalConfig(
+        data=data,
+        model=model,
+        artifacts=artifacts,
+        backend=backend,
+        dataset=dataset,  # type: ignore[arg-type]
+        split=split,
+        categories=_names(categories),
+        exclude=_names(exclude) or (),
+        device=device,
+        precision=precision,
+        provider=provider,
+        batch_size=batch_size,
+        sigma=sigma,
+        progress=progress,
+    )
+    report = run_eval(config)
+    console.print(report_table(report))
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    if out is not None:
+        json_path, md_path = write_report(report, out)
+        console.print(f"wrote {json_path} and {md_path}")
