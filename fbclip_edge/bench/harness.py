@@ -1,0 +1,772 @@
+"""The `fbclip-edge bench` runner: every backend timed the same way, stage by stage, in one run
+so that speedups are quoted against an eager float32 baseline measured alongside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import gc
+import re
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fbclip_edge.bench.backends import (
+    ALL_BACKENDS,
+    BASELINE,
+    EXPORTED_BACKENDS,
+    TORCH_BACKENDS,
+    BenchBackend,
+    build_exported_backend,
+    build_torch_backend,
+    default_backends,
+    export_for_bench,
+    export_plan,
+    skip_reason,
+)
+from fbclip_edge.bench.device import (
+    DeviceInfo,
+    MatmulCeiling,
+    PowerSampler,
+    describe_device,
+    load_average,
+    measure_matmul_ceiling,
+)
+from fbclip_edge.errors import FBClipError
+from fbclip_edge.kernels import anomaly_map
+from fbclip_edge.model.flops import forward_flops
+from fbclip_edge.preprocess import normalize, preprocess
+
+SCHEMA_VERSION = 1
+STAGES = ("preprocess", "network", "scoring", "map")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. The defaults finish in well under two minutes on a 2-core laptop CPU.
+
+    model / artifacts: a model folder and/or an exported artifacts folder; with neither, a
+    random-weight `backbone` model (timings do not depend on the weights' values).
+    image_size: network input side (default: the model folder's, else 224).
+    backends: names from ALL_BACKENDS; None runs every backend available here.
+    iters: timed iterations per backend and batch, split into `repeats` contiguous groups
+    whose throughputs give the min/median/max spread. max_seconds: stop timing a backend
+    and batch after this long (at least 3 iterations still run); None times all `iters`.
+    input_sets: distinct frame batches cycled through so no cache sees the same input twice
+    in a row. frame_size: (height, width) of the synthetic uint8 camera frames.
+    preprocess: 'cpu' (PIL bicubic, the reference), 'gpu' (torch bicubic with antialias on
+    the backend's CUDA device) or 'auto' (gpu for CUDA backends, cpu otherwise).
+    """
+
+    model: Path | None = None
+    artifacts: Path | None = None
+    backbone: str = "tiny"
+    image_size: int | None = None
+    backends: tuple[str, ...] | None = None
+    batches: tuple[int, ...] = (1, 8)
+    warmup: int = 2
+    iters: int = 10
+    repeats: int = 5
+    max_seconds: float | None = 8.0
+    input_sets: int = 3
+    frame_size: tuple[int, int] = (480, 640)
+    preprocess: str = "auto"
+    sigma: float = 4.0
+    seed: int = 0
+    measure_ceiling: bool = True
+    command: str | None = None
+
+
+@dataclass
+class StageStats:
+    """Latency percentiles over iterations and throughput spread over repeats of one stage."""
+
+    iterations: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    throughput: float
+    throughput_min: float
+    throughput_max: float
+    samples_ms: list[float]
+
+
+@dataclass
+class Measurement:
+    """One backend at one batch size.
+
+    pipeline: uint8 frames on the host -> image scores and full-size anomaly maps on the host.
+    stages: preprocess, network, scoring (None when the backend scores inside its graph), map.
+    model_*: network + scoring, the part FLOPs are counted for.
+    speedup / model_speedup: throughput over torch-eager-fp32's at the same batch, same run.
+    """
+
+    backend: str
+    batch: int
+    pipeline: StageStats
+    stages: dict[str, StageStats | None]
+    model_p50_ms: float
+    model_throughput: float
+    speedup: float | None
+    model_speedup: float | None
+    achieved_tflops: float
+    ceiling_tflops: float | None
+    ceiling_percent: float | None
+    gpu_peak_allocated_bytes: int | None
+    gpu_used_bytes: int | None
+    host_rss_peak_bytes: int | None
+    host_rss_peak_scope: str
+    warmup_seconds: float
+    power_mw: dict[str, float] | None = None
+
+
+@dataclass
+class BackendResult:
+    """A backend's fate in this run: ok, skipped (with the reason) or failed (with the error)."""
+
+    name: str
+    status: str
+    reason: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    kernel_impl: str | None = None
+    setup_seconds: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    batch_failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInfo:
+    """The network measured; FLOPs are analytic (fbclip_edge.model.flops) per image."""
+
+    source: str
+    backbone: str
+    image_size: int
+    feature_layers: list[int]
+    num_maps: int
+    flops_backbone: int
+    flops_heads: int
+    flops_total: int
+
+
+@dataclass
+class BenchResults:
+    """A whole run; `results.json` is asdict() of this (schema in benchmarks/README.md)."""
+
+    schema_version: int
+    command: str
+    started_at: str
+    duration_seconds: float
+    config: dict[str, Any]
+    model: ModelInfo
+    device: DeviceInfo
+    ceilings: list[MatmulCeiling]
+    backends: list[BackendResult]
+    measurements: list[Measurement]
+    notes: list[str]
+    load_average_at_end: tuple[float, float, float] | None = None
+
+    def measurement(self, backend: str, batch: int) -> Measurement | None:
+        """The row for backend at batch, if it was measured."""
+        for row in self.measurements:
+            if row.backend == backend and row.batch == batch:
+                return row
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32), or a one-line error naming the fix."""
+    try:
+        batches = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FBClipError(
+            f"--batch '{text}' must be comma-separated integers, e.g. 1,8,32"
+        ) from None
+    if not batches or min(batches) < 1:
+        raise FBClipError(f"--batch '{text}' needs positive batch sizes, e.g. 1,8,32")
+    return batches
+
+
+def parse_backends(text: str | None) -> tuple[str, ...] | None:
+    """'torch-eager-fp32,onnxruntime-cpu' -> names; None or 'all' -> every available one."""
+    if text is None or text.strip().lower() in ("", "all", "auto"):
+        return None
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in ALL_BACKENDS]
+    if unknown:
+        raise FBClipError(
+            f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(ALL_BACKENDS)}"
+        )
+    return names
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def stage_stats(samples_ms: Sequence[float], batch: int, repeats: int) -> StageStats:
+    """Percentiles over iterations; throughput (images/s) per contiguous repeat group.
+
+    Reported throughput is the median group's; min/max show how stable the machine was.
+    """
+    values = np.asarray(samples_ms, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no samples")
+    groups = [g for g in np.array_split(values, max(1, min(repeats, values.size))) if g.size]
+    rates = sorted(batch * g.size * 1e3 / g.sum() if g.sum() > 0 else float("inf") for g in groups)
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return StageStats(
+        iterations=int(values.size),
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        mean_ms=float(values.mean()),
+        min_ms=float(values.min()),
+        max_ms=float(values.max()),
+        throughput=float(np.median(rates)),
+        throughput_min=float(rates[0]),
+        throughput_max=float(rates[-1]),
+        samples_ms=[round(float(v), 4) for v in values],
+    )
+
+
+def add_speedups(measurements: list[Measurement]) -> None:
+    """Fill speedup columns from the torch-eager-fp32 row at the same batch (None without it)."""
+    baseline = {m.batch: m for m in measurements if m.backend == BASELINE}
+    for row in measurements:
+        base = baseline.get(row.batch)
+        if base is None:
+            row.speedup = row.model_speedup = None
+            continue
+        row.speedup = row.pipeline.throughput / base.pipeline.throughput
+        row.model_speedup = row.model_throughput / base.model_throughput
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _status_kib(key: str) -> int | None:
+    with contextlib.suppress(OSError):
+        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(match.group(1)) if match else None
+    return None
+
+
+def reset_host_peak() -> bool:
+    """Reset the process's peak RSS (Linux clear_refs '5'); False where that is impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def host_rss_peak_bytes() -> int | None:
+    """VmHWM from /proc, else ru_maxrss (kilobytes on Linux, bytes on macOS)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    with contextlib.suppress(ImportError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+    return None
+
+
+# ---------------------------------------------------------------- inputs and stages
+
+
+def make_frames(config: BenchConfig, batch: int) -> list[np.ndarray]:
+    """`input_sets` distinct (B, H, W, 3) uint8 frame batches: camera-sized, never repeated
+    back to back, so caches (CPU or GPU) cannot flatter any stage."""
+    rng = np.random.default_rng(config.seed + batch)
+    height, width = config.frame_size
+    return [
+        rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
+        for _ in range(max(1, config.input_sets))
+    ]
+
+
+def gpu_preprocess(frames: torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) host frames -> normalized float32 on device: torch bicubic resize
+    with antialias (close to, not bit-equal with, PIL's) then rounding to 8-bit like PIL."""
+    pixels = frames.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bicubic",
+                           antialias=True, align_corners=False)
+    return normalize(pixels.round_().clamp_(0, 255) / 255.0)
+
+
+def _preprocessor(
+    kind: str, image_size: int, device: torch.device
+) -> tuple[str, Callable[[Any], torch.Tensor], Callable[[np.ndarray], Any]]:
+    """(resolved kind, stage function, how to hold frames on the host for it)."""
+    use_gpu = kind == "gpu" or (kind == "auto" and device.type == "cuda")
+    if use_gpu:
+        if device.type != "cuda":
+            raise FBClipError("--preprocess gpu needs a CUDA backend; use cpu or auto")
+
+        def hold(frames: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(frames).pin_memory()
+
+        return "gpu", lambda frames: gpu_preprocess(frames, image_size, device), hold
+    return "cpu", lambda frames: preprocess(frames, image_size), lambda frames: frames
+
+
+class StageClock:
+    """Stage boundaries: CUDA events on GPU (device time, no extra syncs), perf_counter on CPU.
+
+    An event recorded on an idle stream completes at once, so host-side stages still read true.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.start_time = 0.0
+        self.marks: list[Any] = []
+
+    def start(self) -> None:
+        """Begin an iteration."""
+        self.marks = []
+        self.start_time = time.perf_counter()
+        self.mark()
+
+    def mark(self) -> None:
+        """End the current stage."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def finish(self) -> tuple[list[float], float]:
+        """(stage durations in ms, wall-clock ms of the whole iteration)."""
+        pairs = list(zip(self.marks, self.marks[1:], strict=False))
+        if self.cuda:
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - self.start_time) * 1e3
+            return [start.elapsed_time(end) for start, end in pairs], wall
+        wall = (time.perf_counter() - self.start_time) * 1e3
+        return [(end - start) * 1e3 for start, end in pairs], wall
+
+
+@dataclass
+class _Samples:
+    pipeline: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
+
+
+def _iteration(
+    backend: BenchBackend,
+    pre: Callable[[Any], torch.Tensor],
+    frames: Any,
+    config: BenchConfig,
+    clock: StageClock,
+) -> tuple[dict[str, float], float]:
+    """One uint8-frames -> host scores and maps pass, timed per stage."""
+    clock.start()
+    pixels = pre(frames)
+    clock.mark()
+    out = backend.network(pixels)
+    clock.mark()
+    if backend.scoring is not None:
+        out = backend.scoring(out)
+        clock.mark()
+    image_score, patch_map = out
+    maps = anomaly_map(patch_map, config.frame_size, config.sigma, impl=backend.kernel_impl)
+    maps.cpu()
+    image_score.cpu()
+    clock.mark()
+    durations, wall = clock.finish()
+    names = [s for s in STAGES if s != "scoring" or backend.scoring is not None]
+    return dict(zip(names, durations, strict=True)), wall
+
+
+MIN_ITERATIONS = 3
+
+
+def _out_of_time(config: BenchConfig, done: int, elapsed: float) -> bool:
+    """Stop early once max_seconds is spent, but never below MIN_ITERATIONS (or iters):
+    slow backends get fewer samples instead of blowing the run's budget."""
+    if config.max_seconds is None or done < min(config.iters, MIN_ITERATIONS):
+        return False
+    return elapsed > config.max_seconds
+
+
+def measure(
+    backend: BenchBackend, batch: int, config: BenchConfig, image_size: int,
+    power: PowerSampler,
+) -> tuple[Measurement, str]:
+    """Warm up, then time `config.iters` iterations of one backend at one batch size."""
+    kind, pre, hold = _preprocessor(config.preprocess, image_size, backend.device)
+    inputs = [hold(frames) for frames in make_frames(config, batch)]
+    cuda = backend.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_scope = "backend+batch" if reset_host_peak() else "process"
+    clock = StageClock(cuda)
+    samples = _Samples()
+    with torch.inference_mode():
+        warm_start = time.perf_counter()
+        for index in range(config.warmup):
+            _iteration(backend, pre, inputs[index % len(inputs)], config, clock)
+        warmup_seconds = time.perf_counter() - warm_start
+        window_start = time.perf_counter()
+        for index in range(config.iters):
+            stages, wall = _iteration(backend, pre, inputs[index % len(inputs)], config, clock)
+            samples.pipeline.append(wall)
+            for name, value in stages.items():
+                samples.stages[name].append(value)
+            if _out_of_time(config, index + 1, time.perf_counter() - window_start):
+                break
+        window_end = time.perf_counter()
+    stats = {
+        name: stage_stats(values, batch, config.repeats) if values else None
+        for name, values in samples.stages.items()
+    }
+    network = samples.stages["network"]
+    scoring = samples.stages["scoring"] or [0.0] * len(network)
+    model_samples = [n + s for n, s in zip(network, scoring, strict=True)]
+    model = stage_stats(model_samples, batch, config.repeats)
+    gpu_peak = gpu_used = None
+    if cuda:
+        gpu_peak = int(torch.cuda.max_memory_allocated())
+        free, total = torch.cuda.mem_get_info()
+        gpu_used = int(total - free)
+    row = Measurement(
+        backend=backend.name,
+        batch=batch,
+        pipeline=stage_stats(samples.pipeline, batch, config.repeats),
+        stages=stats,
+        model_p50_ms=model.p50_ms,
+        model_throughput=model.throughput,
+        speedup=None,
+        model_speedup=None,
+        achieved_tflops=0.0,
+        ceiling_tflops=None,
+        ceiling_percent=None,
+        gpu_peak_allocated_bytes=gpu_peak,
+        gpu_used_bytes=gpu_used,
+        host_rss_peak_bytes=host_rss_peak_bytes(),
+        host_rss_peak_scope=rss_scope,
+        warmup_seconds=warmup_seconds,
+        power_mw=power.mean_mw(window_start, window_end),
+    )
+    return row, kind
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _model_from_artifacts(artifacts: Path, seed: int) -> tuple[Any, str]:
+    """The torch model behind an artifacts folder, for the baseline: the model folder the
+    manifest names when it is still there, else the same architecture with random weights
+    (speed does not depend on the weights' values)."""
+    from fbclip_edge.checkpoint import load
+    from fbclip_edge.export.manifest import read_manifest
+    from fbclip_edge.model import FBCLIP, FBCLIPConfig
+
+    manifest = read_manifest(artifacts)
+    folder = Path(manifest.model.path) if manifest.model.path else None
+    if folder is not None and folder.is_dir():
+        return load(folder), f"model folder {folder} (from {artifacts})"
+    torch.manual_seed(seed)
+    config = FBCLIPConfig.from_dict(manifest.model.config)
+    config = dataclasses.replace(config, image_size=manifest.image_size)
+    source = (f"{manifest.model.backbone} architecture of {artifacts}, random weights "
+              f"(seed {seed}) for the torch backends")
+    return FBCLIP(config).eval(), source
+
+
+def _load_model(config: BenchConfig) -> tuple[Any, str]:
+    """The torch model to time (and export): a model folder, the model behind --artifacts,
+    or random weights by backbone name."""
+    from fbclip_edge.checkpoint import load
+    from fbclip_edge.factory import create_model
+
+    if config.model is not None:
+        model, source = load(config.model), f"model folder {config.model}"
+    elif config.artifacts is not None:
+        model, source = _model_from_artifacts(config.artifacts, config.seed)
+    else:
+        size = config.image_size or 224
+        model = create_model(config.backbone, image_size=size, seed=config.seed)
+        return model, f"{config.backbone}, random weights (seed {config.seed})"
+    if config.image_size and config.image_size != model.config.image_size:
+        # Positional embeddings are resized on the fly, so any valid side runs.
+        source += f" at {config.image_size} px (saved at {model.config.image_size})"
+        model.config = dataclasses.replace(model.config, image_size=config.image_size)
+        model.config.validate()
+    return model, source
+
+
+def _select_backends(config: BenchConfig) -> tuple[list[str], dict[str, str], list[str]]:
+    """(names to run, name -> skip reason, notes); the baseline is always run."""
+    notes: list[str] = []
+    if config.backends is None:
+        chosen, skipped = default_backends()
+    else:
+        unknown = [n for n in config.backends if n not in ALL_BACKENDS]
+        if unknown:
+            raise FBClipError(
+                f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(ALL_BACKENDS)}"
+            )
+        chosen, skipped = [], {}
+        for name in ALL_BACKENDS:
+            if name not in config.backends:
+                continue
+            reason = skip_reason(name)
+            if reason is None:
+                chosen.append(name)
+            else:
+                skipped[name] = reason
+        if BASELINE not in chosen:
+            chosen.insert(0, BASELINE)
+            notes.append(f"{BASELINE} added: every speedup is quoted against it, in the same run")
+    return chosen, skipped, notes
+
+
+def _device_for(name: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and name in TORCH_BACKENDS
+                        else "cpu")
+
+
+class _Artifacts:
+    """The artifacts folder exported backends open: the user's, or one export per run."""
+
+    def __init__(self, model: Any, config: BenchConfig, names: list[str], scratch: Path) -> None:
+        self.model = model
+        self.config = config
+        self.plan = export_plan([n for n in names if n in EXPORTED_BACKENDS], config.batches)
+        self.scratch = scratch
+        self.made: Path | None = None
+        self.export_seconds: float | None = None
+
+    def folder(self) -> Path:
+        """The folder, exporting on first use (not timed: setup, reported in the notes)."""
+        if self.config.artifacts is not None:
+            return self.config.artifacts
+        if self.made is None:
+            start = time.perf_counter()
+            self.made = export_for_bench(self.model, self.config.model, self.scratch, self.plan)
+            self.export_seconds = time.perf_counter() - start
+        return self.made
+
+    def note(self) -> str | None:
+        """How the exported backends' folder came about, for the results' notes."""
+        if self.config.artifacts is not None:
+            return f"exported backends opened {self.config.artifacts}"
+        if self.export_seconds is None:
+            return None
+        plan = self.plan
+        return (f"exported for this run: {plan.precision}, targets {plan.targets}, batch "
+                f"profile {plan.batch_profile}, kernel scoring; took {self.export_seconds:.1f} s "
+                "(not part of any timing)")
+
+
+def _build(name: str, model: Any, artifacts: _Artifacts) -> BenchBackend:
+    if name in EXPORTED_BACKENDS:
+        return build_exported_backend(name, artifacts.folder())
+    return build_torch_backend(name, model, _device_for(name))
+
+
+def default_command() -> str:
+    """The command line as typed, for the results file."""
+    return shlex.join(["fbclip-edge" if i == 0 else a for i, a in enumerate(sys.argv)])
+
+
+@dataclass
+class _Run:
+    """State shared by every backend of one run: model, exports, ceilings, power samples."""
+
+    config: BenchConfig
+    model: Any
+    artifacts: _Artifacts
+    power: PowerSampler
+    say: Callable[[str], None]
+    ceilings: dict[tuple[str, str], MatmulCeiling | None] = field(default_factory=dict)
+    preprocess_kinds: set[str] = field(default_factory=set)
+
+    def ceiling(self, device: torch.device, precision: str) -> MatmulCeiling | None:
+        """The matmul ceiling for a device and dtype, measured once per run."""
+        dtype = _DTYPES.get(precision)
+        if not self.config.measure_ceiling or dtype is None:
+            return None
+        key = (device.type, precision)
+        if key not in self.ceilings:
+            self.say(f"measuring the {device.type} {precision} matmul ceiling")
+            self.ceilings[key] = measure_matmul_ceiling(device, dtype)
+        return self.ceilings[key]
+
+    def backend(self, name: str) -> tuple[BackendResult, list[Measurement]]:
+        """Build and measure one backend at every batch size; failures become reasons."""
+        result = BackendResult(name, "ok")
+        try:
+            self.say(f"{name}: preparing")
+            backend = _build(name, self.model, self.artifacts)
+        except Exception as error:  # one broken backend must not end the run
+            result.status, result.reason = "failed", _one_line(error)
+            self.say(f"{name}: failed ({result.reason})")
+            return result, []
+        result.device, result.precision = str(backend.device), backend.precision
+        result.kernel_impl = backend.kernel_impl
+        result.setup_seconds = backend.setup_seconds
+        result.details = dict(backend.details)
+        ceiling = self.ceiling(backend.device, backend.precision)
+        flops = forward_flops(self.model.config).total
+        rows: list[Measurement] = []
+        for batch in self.config.batches:
+            self.say(f"{name}: batch {batch}")
+            try:
+                row, kind = measure(backend, batch, self.config,
+                                    self.model.config.image_size, self.power)
+            except Exception as error:  # e.g. out of memory at the largest batch
+                result.batch_failures[str(batch)] = _one_line(error)
+                self.say(f"{name}: batch {batch} failed ({_one_line(error)})")
+                continue
+            self.preprocess_kinds.add(kind)
+            row.achieved_tflops = flops * batch / (row.model_p50_ms / 1e3) / 1e12
+            if ceiling is not None:
+                row.ceiling_tflops = ceiling.tflops
+                row.ceiling_percent = 100.0 * row.achieved_tflops / ceiling.tflops
+            rows.append(row)
+        if len(result.batch_failures) == len(self.config.batches):
+            result.status = "failed"
+            result.reason = next(iter(result.batch_failures.values()))
+        return result, rows
+
+
+def _model_info(model: Any, source: str) -> ModelInfo:
+    flops = forward_flops(model.config)
+    return ModelInfo(
+        source=source,
+        backbone=model.config.backbone.name,
+        image_size=model.config.image_size,
+        feature_layers=list(model.config.feature_layers),
+        num_maps=model.config.num_maps,
+        flops_backbone=flops.backbone,
+        flops_heads=flops.heads,
+        flops_total=flops.total,
+    )
+
+
+def _check_artifacts(config: BenchConfig, model: Any) -> None:
+    """--artifacts and the torch model must agree on the input size, or speedups compare
+    different amounts of work."""
+    if config.artifacts is None:
+        return
+    from fbclip_edge.export.manifest import read_manifest
+
+    size = read_manifest(config.artifacts).image_size
+    if size != model.config.image_size:
+        raise FBClipError(
+            f"{config.artifacts} was exported at {size} px but the torch model runs at "
+            f"{model.config.image_size} px; pass --image-size {size} or re-export"
+        )
+
+
+def _check(config: BenchConfig) -> None:
+    if not config.batches or min(config.batches) < 1:
+        raise FBClipError("--batch needs positive batch sizes, e.g. 1,8,32")
+    if config.iters < 1 or config.warmup < 0 or config.repeats < 1:
+        raise FBClipError("--iters and --repeats must be >= 1 and --warmup >= 0")
+    if config.preprocess not in ("auto", "cpu", "gpu"):
+        raise FBClipError(f"--preprocess {config.preprocess!r}: choose auto, cpu or gpu")
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> BenchResults:
+    """Measure every selected backend at every batch size; never drops a backend silently.
+
+    Backends run one after another (baseline first) and each is released before the next,
+    so none measures in another's memory pressure.
+    """
+    _check(config)
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    device_info = describe_device()
+    model, source = _load_model(config)
+    _check_artifacts(config, model)
+    chosen, skipped, notes = _select_backends(config)
+    results = [BackendResult(name, "skipped", reason) for name, reason in skipped.items()]
+    measurements: list[Measurement] = []
+    power = PowerSampler().start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fbclip-bench-") as scratch:
+            artifacts = _Artifacts(model, config, chosen, Path(scratch))
+            run = _Run(config, model, artifacts, power, log or (lambda _message: None))
+            for name in chosen:
+                result, rows = run.backend(name)
+                results.append(result)
+                measurements.extend(rows)
+                gc.collect()  # the backend went out of scope: free it before the next one
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            export_note = artifacts.note()
+            if export_note:
+                notes.append(export_note)
+    finally:
+        power.stop()
+    add_speedups(measurements)
+    notes.extend(_standard_notes(run.preprocess_kinds))
+    order = {name: index for index, name in enumerate(ALL_BACKENDS)}
+    results.sort(key=lambda r: order.get(r.name, len(order)))
+    return BenchResults(
+        schema_version=SCHEMA_VERSION,
+        command=config.command or default_command(),
+        started_at=started_at,
+        duration_seconds=time.perf_counter() - started,
+        config=_config_dict(config),
+        model=_model_info(model, source),
+        device=device_info,
+        ceilings=[c for c in run.ceilings.values() if c is not None],
+        backends=results,
+        measurements=measurements,
+        notes=notes,
+        load_average_at_end=load_average(),
+    )
+
+
+def _standard_notes(preprocess_kinds: set[str]) -> list[str]:
+    notes = [
+        "pipeline = uint8 frames on the host -> image scores and full-size anomaly maps back "
+        "on the host, one batch in flight (no overlap between stages)",
+        "network includes the host-to-device copy of the pixels; scoring is timed apart where "
+        "the backend runs it after the network (torch backends, kernel-scoring exports)",
+    ]
+    if "cpu" in preprocess_kinds:
+        notes.append("preprocess cpu: PIL bicubic resize + normalize (the reference path)")
+    if "gpu" in preprocess_kinds:
+        notes.append("preprocess gpu: torch bicubic resize with antialias on the GPU; close to "
+                     "but not bit-equal with PIL's")
+    return notes
+
+
+def _config_dict(config: BenchConfig) -> dict[str, Any]:
+    data = asdict(config)
+    for key in ("model", "artifacts"):
+        data[key] = None if data[key] is None else str(data[key])
+    return data
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip().rstrip(":")

@@ -1,0 +1,342 @@
+"""Benchmark output: results.json (schema in benchmarks/README.md), results.md, results.png
+and the terminal table, all from one BenchResults.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+from fbclip_edge.bench.harness import BenchResults, Measurement
+
+JSON_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+PLOT_NAME = "results.png"
+
+
+@dataclass
+class ResultFiles:
+    """Paths written by write_results."""
+
+    json: Path
+    markdown: Path
+    plot: Path
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def results_json(results: BenchResults) -> str:
+    """The results.json text (strict JSON, stable key order)."""
+    return json.dumps(_finite(results.to_dict()), indent=1, allow_nan=False) + "\n"
+
+
+def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds with precision that suits the magnitude."""
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def _rate(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _stage_ms(row: Measurement, stage: str) -> str:
+    stats = row.stages.get(stage)
+    return "in network" if stats is None else _ms(stats.p50_ms)
+
+
+def _memory(row: Measurement) -> str:
+    """GPU peak where there is one (what limits batch size there), else host RSS peak."""
+    if row.gpu_peak_allocated_bytes is not None:
+        return f"{_mib(row.gpu_peak_allocated_bytes)} GPU"
+    return f"{_mib(row.host_rss_peak_bytes)} RSS"
+
+
+def _columns(row: Measurement) -> dict[str, str]:
+    """Every summary cell of one row, keyed by column name."""
+    pipe = row.pipeline
+    return {
+        "backend": row.backend,
+        "batch": str(row.batch),
+        "iters": str(pipe.iterations),
+        "img/s": _rate(pipe.throughput),
+        "img/s min-max": f"{_rate(pipe.throughput_min)}-{_rate(pipe.throughput_max)}",
+        "p50 ms": _ms(pipe.p50_ms),
+        "p90 ms": _ms(pipe.p90_ms),
+        "p99 ms": _ms(pipe.p99_ms),
+        "speedup": _fmt(row.speedup, 2, "x"),
+        "model img/s": _rate(row.model_throughput),
+        "model speedup": _fmt(row.model_speedup, 2, "x"),
+        "TFLOP/s": _fmt(row.achieved_tflops, 3),
+        "% ceiling": _fmt(row.ceiling_percent, 1, "%"),
+        "GPU peak MiB": _mib(row.gpu_peak_allocated_bytes),
+        "RSS peak MiB": _mib(row.host_rss_peak_bytes),
+        "memory MiB": _memory(row),
+    }
+
+
+# Markdown shows everything; the terminal drops columns from the end of TERMINAL_DROP_ORDER
+# until the table fits the console.
+SUMMARY_HEADER = ["backend", "batch", "iters", "img/s", "img/s min-max", "p50 ms", "p90 ms",
+                  "p99 ms", "speedup", "model img/s", "model speedup", "TFLOP/s", "% ceiling",
+                  "GPU peak MiB", "RSS peak MiB"]
+TERMINAL_HEADER = ["backend", "batch", "img/s", "img/s min-max", "p50 ms", "p99 ms", "speedup",
+                   "model img/s", "model speedup", "TFLOP/s", "% ceiling", "memory MiB"]
+TERMINAL_DROP_ORDER = ["img/s min-max", "TFLOP/s", "memory MiB", "model img/s", "p99 ms",
+                       "% ceiling"]
+
+
+def summary_rows(results: BenchResults, header: list[str] = SUMMARY_HEADER) -> list[list[str]]:
+    """One row per backend and batch: the numbers people choose a backend by."""
+    return [[_columns(row)[name] for name in header] for row in results.measurements]
+
+
+def fitting_header(results: BenchResults, width: int) -> list[str]:
+    """TERMINAL_HEADER minus the least important columns until the table fits `width`."""
+    header = list(TERMINAL_HEADER)
+    cells = [_columns(row) for row in results.measurements]
+
+    def column_width(name: str) -> int:  # rich wraps headers at spaces, never cells here
+        return max([len(word) for word in name.split()] + [len(cell[name]) for cell in cells])
+
+    def table_width(columns: list[str]) -> int:
+        return sum(column_width(name) for name in columns) + 3 * len(columns) + 1
+
+    for name in TERMINAL_DROP_ORDER:
+        if table_width(header) <= width:
+            break
+        header.remove(name)
+    return header
+
+
+STAGE_HEADER = ["backend", "batch", "preprocess", "network", "scoring", "map", "pipeline"]
+
+
+def stage_rows(results: BenchResults) -> list[list[str]]:
+    """p50 milliseconds per stage: where the time goes."""
+    return [
+        [row.backend, str(row.batch), *(_stage_ms(row, s) for s in ("preprocess", "network",
+                                                                    "scoring", "map")),
+         _ms(row.pipeline.p50_ms)]
+        for row in results.measurements
+    ]
+
+
+def not_measured(results: BenchResults) -> list[tuple[str, str, str]]:
+    """(backend, status, reason) for skipped or failed backends and failed batch sizes."""
+    rows = [(b.name, b.status, b.reason or "") for b in results.backends if b.status != "ok"]
+    for backend in results.backends:
+        if backend.status == "ok":
+            rows.extend((backend.name, f"failed at batch {batch}", reason)
+                        for batch, reason in backend.batch_failures.items())
+    return rows
+
+
+def device_line(results: BenchResults) -> str:
+    """One line naming the hardware, for titles and summaries."""
+    device = results.device
+    cpu = f"{device.cpu_model} ({device.cpu_logical_cores} logical cores)"
+    if device.jetson is not None:
+        return f"{device.jetson.model}, power mode {device.jetson.power_mode or '?'}; {cpu}"
+    if device.gpu is not None:
+        return f"{device.gpu.name} ({device.gpu.total_memory_bytes / 2**30:.0f} GiB); {cpu}"
+    return cpu
+
+
+def model_line(results: BenchResults) -> str:
+    """Backbone, input size and FLOPs per image."""
+    model = results.model
+    return (f"{model.backbone} @ {model.image_size} px, {model.source}; "
+            f"{model.flops_total / 1e9:.1f} GFLOP per image")
+
+
+def terminal_report(results: BenchResults, width: int = 200) -> Group:
+    """What `fbclip-edge bench` prints: the summary table (as many columns as fit `width`),
+    then what was not measured and why."""
+    title = f"{model_line(results)}\n{device_line(results)}"
+    header = fitting_header(results, width)
+    table = Table(title=title, title_justify="left")
+    for name in header:
+        table.add_column(name, no_wrap=name == "backend", justify="left" if name == "backend"
+                         else "right")
+    for row in summary_rows(results, header):
+        table.add_row(*row)
+    parts: list[Table] = [table]
+    missing = not_measured(results)
+    if missing:
+        skipped = Table("backend", "status", "reason", title="Not measured", title_justify="left")
+        for name, status, reason in missing:
+            skipped.add_row(name, f"[yellow]{status}[/]", reason)
+        parts.append(skipped)
+    return Group(*parts)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.extend("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+                 for row in rows)
+    return lines
+
+
+def _environment_lines(results: BenchResults) -> list[str]:
+    device = results.device
+    lines = [f"- CPU: {device.cpu_model}, {device.cpu_logical_cores} logical cores, torch "
+             f"threads {device.torch_threads}, load average (1/5/15 min) at start "
+             f"{device.load_average_at_start}, at end {results.load_average_at_end}"]
+    if device.gpu is not None:
+        gpu = device.gpu
+        lines.append(
+            f"- GPU: {gpu.name}, {gpu.total_memory_bytes / 2**30:.1f} GiB, {gpu.sm_count} SMs, "
+            f"sm_{gpu.compute_capability.replace('.', '')}, max clocks SM {gpu.clock_sm_max_mhz} / "
+            f"memory {gpu.clock_mem_max_mhz} MHz, driver {gpu.driver}, CUDA {device.cuda}"
+        )
+    if device.jetson is not None:
+        lines.append(f"- Jetson: {device.jetson.model}, power mode {device.jetson.power_mode}")
+    versions = ", ".join(f"{k} {v}" for k, v in device.versions.items() if v)
+    lines.append(f"- Versions: {versions}; {device.platform}")
+    for ceiling in results.ceilings:
+        lines.append(f"- Matmul ceiling {ceiling.device} {ceiling.dtype}: {ceiling.tflops:.3f} "
+                     f"TFLOP/s ({ceiling.size}x{ceiling.size}, {ceiling.note})")
+    return lines
+
+
+def _cap(config: dict[str, Any]) -> str:
+    seconds = config.get("max_seconds")
+    return "" if seconds is None else f", stopping after {seconds:g} s (at least 3)"
+
+
+def markdown(results: BenchResults) -> str:
+    """results.md: command, hardware, the summary and stage tables, what did not run, notes."""
+    config = results.config
+    lines = [
+        f"# fbclip-edge bench: {results.model.backbone} @ {results.model.image_size} px on "
+        f"{results.device.label}",
+        "",
+        f"Command: `{results.command}`  ",
+        f"Date: {results.started_at}, {results.duration_seconds:.0f} s in all  ",
+        f"Model: {model_line(results)}  ",
+        f"Timing: {config['warmup']} warm-up + up to {config['iters']} timed iterations per "
+        f"backend and batch{_cap(config)} (column iters), in up to {config['repeats']} repeats; "
+        f"{config['input_sets']} rotated inputs of "
+        f"{config['frame_size'][1]}x{config['frame_size'][0]} uint8 frames",
+        "",
+        "## Device",
+        "",
+        *_environment_lines(results),
+        "",
+        "## Throughput and latency",
+        "",
+        "Speedups are against torch-eager-fp32 at the same batch in this run. \"model\" is "
+        "network + scoring, the part the FLOPs count covers.",
+        "",
+        *_md_table(SUMMARY_HEADER, summary_rows(results)),
+        "",
+        "## Stages (p50 ms per batch)",
+        "",
+        *_md_table(STAGE_HEADER, stage_rows(results)),
+        "",
+    ]
+    missing = not_measured(results)
+    if missing:
+        lines += ["## Not measured", "",
+                  *_md_table(["backend", "status", "reason"], [list(m) for m in missing]), ""]
+    lines += ["## Notes", "", *(f"- {note}" for note in results.notes), ""]
+    return "\n".join(lines)
+
+
+def plot(results: BenchResults, path: Path) -> Path:
+    """PNG: pipeline and model throughput vs batch per backend (log-log), and the pipeline
+    latency distribution per backend at the smallest batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    backends = list(dict.fromkeys(m.backend for m in results.measurements))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    colors = plt.get_cmap("tab10")
+    for index, name in enumerate(backends):
+        rows = sorted((m for m in results.measurements if m.backend == name),
+                      key=lambda m: m.batch)
+        batches = [m.batch for m in rows]
+        color = colors(index % 10)
+        left.plot(batches, [m.pipeline.throughput for m in rows], "o-", color=color,
+                  label=f"{name} pipeline")
+        left.plot(batches, [m.model_throughput for m in rows], "s--", color=color, alpha=0.6,
+                  label=f"{name} model")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    all_batches = sorted({m.batch for m in results.measurements})
+    left.set_xticks(all_batches, [str(b) for b in all_batches])
+    left.xaxis.set_minor_locator(ticker.NullLocator())
+    left.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _pos: f"{value:g}"))
+    left.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda value, _pos: f"{value:g}"))
+    left.set_xlabel("batch size")
+    left.set_ylabel("images / s")
+    left.set_title("Throughput vs batch (solid: whole pipeline, dashed: model)")
+    left.grid(True, which="both", alpha=0.3)
+    if backends:
+        left.legend(fontsize=8)
+    smallest = min((m.batch for m in results.measurements), default=1)
+    at_smallest = [m for m in results.measurements if m.batch == smallest]
+    if at_smallest:
+        right.boxplot([m.pipeline.samples_ms for m in at_smallest], showfliers=True)
+        right.set_xticks(range(1, len(at_smallest) + 1),
+                         [m.backend for m in at_smallest], rotation=20, ha="right")
+        spread = [v for m in at_smallest for v in m.pipeline.samples_ms if v > 0]
+        if spread and max(spread) > 20 * min(spread):
+            right.set_yscale("log")  # CPU and GPU backends side by side
+    right.set_ylabel("pipeline latency (ms)")
+    right.set_title(f"Latency distribution at batch {smallest}")
+    right.grid(True, axis="y", alpha=0.3)
+    figure.suptitle(f"{model_line(results)}\n{device_line(results)}", fontsize=10)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_results(results: BenchResults, out_dir: str | Path) -> ResultFiles:
+    """Write results.json, results.md and results.png into out_dir (created if needed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ResultFiles(out / JSON_NAME, out / MARKDOWN_NAME, out / PLOT_NAME)
+    files.json.write_text(results_json(results))
+    files.markdown.write_text(markdown(results))
+    plot(results, files.plot)
+    return files
+
+
+def default_out_dir(results: BenchResults, root: str | Path = "benchmarks/results") -> Path:
+    """<root>/<device>-<date>/<backbone>-<size>/: recorded runs of one machine and day
+    share a folder, one subfolder per model."""
+    model = re.sub(r"[^a-z0-9]+", "-", results.model.backbone.lower()).strip("-")
+    run = f"{results.device.label}-{results.started_at[:10]}"
+    return Path(root) / run / f"{model}-{results.model.image_size}"

@@ -1,0 +1,287 @@
+"""`fbclip-edge bench`: a short CPU run writes every documented field, a PNG plot, skip
+reasons, and speedups against the eager float32 row of the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fbclip_edge.bench import backends as bench_backends
+from fbclip_edge.bench import harness
+from fbclip_edge.bench.backends import ALL_BACKENDS, BASELINE, BenchBackend
+from fbclip_edge.bench.device import (
+    PowerSampler,
+    describe_device,
+    device_label,
+    measure_matmul_ceiling,
+    parse_tegrastats_line,
+)
+from fbclip_edge.bench.harness import BenchConfig, run_bench, stage_stats
+from fbclip_edge.bench.report import markdown, write_results
+from fbclip_edge.errors import FBClipError
+from fbclip_edge.runtime import TorchBackend
+
+README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
+FAKE = "onnxruntime-cpu"  # stands in for an exported backend that scores inside run()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are latency-bound: on a loaded 2-core runner two OpenMP threads spin
+    against each other, so these tests run single-threaded (the bench records the count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def short_config(**overrides) -> BenchConfig:
+    settings = dict(
+        image_size=28,
+        batches=(1, 2),
+        warmup=1,
+        iters=4,
+        repeats=2,
+        input_sets=2,
+        frame_size=(24, 32),
+        command="pytest short bench",
+    )
+    settings.update(overrides)
+    return BenchConfig(**settings)
+
+
+def fused_torch_backend(name: str, model) -> BenchBackend:
+    """A backend whose run() does network and scoring in one call, like onnxruntime's."""
+    backend = TorchBackend(model, device="cpu")
+    return BenchBackend(name, torch.device("cpu"), "fp32", backend.run, None, "auto", 0.0,
+                        {"runtime": "torch (test stand-in)"})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short run: the eager baseline plus a fused stand-in for an exported backend."""
+    patch = pytest.MonkeyPatch()
+    real_build = harness._build
+    real_reason = bench_backends.skip_reason
+
+    def build(name, model, artifacts):
+        return fused_torch_backend(name, model) if name == FAKE else real_build(
+            name, model, artifacts)
+
+    patch.setattr(harness, "_build", build)
+    patch.setattr(harness, "skip_reason", lambda n: None if n == FAKE else real_reason(n))
+    try:
+        results = run_bench(short_config(backends=(BASELINE, FAKE, "torch-fp16-sdpa")))
+    finally:
+        patch.undo()
+    out = tmp_path_factory.mktemp("bench")
+    files = write_results(results, out)
+    return results, files
+
+
+def documented_fields() -> list[str]:
+    """Field paths listed in the schema block of benchmarks/README.md."""
+    text = README.read_text()
+    block = text.split("<!-- schema:start -->")[1].split("<!-- schema:end -->")[0]
+    return [line.split()[0] for line in block.splitlines()
+            if line.strip() and not line.startswith("```")]
+
+
+def lookup(data, path: str) -> list:
+    """Values at a dotted path; 'x[]' walks every list element; None parents end the walk."""
+    values = [data]
+    for part in path.split("."):
+        many = part.endswith("[]")
+        key = part[:-2] if many else part
+        found = []
+        for value in values:
+            if value is None:
+                continue
+            assert isinstance(value, dict) and key in value, f"{path}: '{key}' missing"
+            item = value[key]
+            found.extend(item if many else [item])
+        values = found
+    return values
+
+
+def test_json_has_every_documented_field(run):
+    results, files = run
+    data = json.loads(files.json.read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert data["schema_version"] == harness.SCHEMA_VERSION == 1
+    fields = documented_fields()
+    assert len(fields) > 60
+    for path in fields:
+        lookup(data, path)
+    assert data["measurements"] and data["ceilings"]
+    documented_top = {path.split(".")[0].removesuffix("[]") for path in fields}
+    assert set(data) == documented_top
+    documented_rows = {p.split(".")[1] for p in fields if p.startswith("measurements[].")}
+    assert set(data["measurements"][0]) == documented_rows
+
+
+def test_plot_is_a_png(run):
+    _, files = run
+    assert files.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert files.plot.stat().st_size > 10_000
+
+
+def test_every_backend_is_listed_and_skips_carry_reasons(run):
+    results, _ = run
+    names = [b.name for b in results.backends]
+    assert sorted(names) == sorted({BASELINE, FAKE, "torch-fp16-sdpa"})
+    for backend in results.backends:
+        assert backend.status in ("ok", "skipped", "failed")
+        if backend.status != "ok":
+            assert backend.reason
+    if not torch.cuda.is_available():
+        fp16 = next(b for b in results.backends if b.name == "torch-fp16-sdpa")
+        assert fp16.status == "skipped" and "needs CUDA" in fp16.reason
+        assert "needs CUDA" in markdown(results)
+
+
+def test_speedup_is_against_eager_fp32_of_the_same_run(run):
+    results, _ = run
+    for batch in (1, 2):
+        base = results.measurement(BASELINE, batch)
+        other = results.measurement(FAKE, batch)
+        assert base is not None and other is not None
+        assert base.speedup == pytest.approx(1.0)
+        assert other.speedup == pytest.approx(other.pipeline.throughput / base.pipeline.throughput)
+        assert other.model_speedup == pytest.approx(
+            other.model_throughput / base.model_throughput)
+
+
+def test_stages_and_derived_numbers(run):
+    results, _ = run
+    base = results.measurement(BASELINE, 2)
+    fused = results.measurement(FAKE, 2)
+    assert set(base.stages) == {"preprocess", "network", "scoring", "map"}
+    assert base.stages["scoring"] is not None and fused.stages["scoring"] is None
+    assert base.pipeline.iterations == 4 and len(base.pipeline.samples_ms) == 4
+    stage_sum = sum(s.p50_ms for s in base.stages.values() if s is not None)
+    assert 0 < stage_sum <= base.pipeline.max_ms * 4
+    assert base.pipeline.throughput_min <= base.pipeline.throughput <= base.pipeline.throughput_max
+    flops = results.model.flops_total
+    assert base.achieved_tflops == pytest.approx(flops * 2 / (base.model_p50_ms / 1e3) / 1e12)
+    ceiling = results.ceilings[0]
+    assert ceiling.dtype == "float32" and ceiling.tflops > 0
+    assert base.ceiling_percent == pytest.approx(100 * base.achieved_tflops / ceiling.tflops)
+    assert base.host_rss_peak_bytes and base.host_rss_peak_bytes > 0
+    assert results.command == "pytest short bench"
+
+
+def test_markdown_has_command_tables_and_device(run):
+    results, files = run
+    text = files.markdown.read_text()
+    assert "`pytest short bench`" in text
+    assert results.device.cpu_model in text
+    assert "| torch-eager-fp32 | 1 |" in text
+    assert "in network" in text  # fused backend: scoring not timed apart
+
+
+@pytest.mark.slow
+def test_real_onnxruntime_export_against_eager():
+    """The integration path: export the measured model, open it with runtime.open, time it."""
+    reason = bench_backends.skip_reason("onnxruntime-cpu")
+    if reason:
+        pytest.skip(reason)
+    results = run_bench(short_config(backends=("onnxruntime-cpu",), iters=2, warmup=1,
+                                     measure_ceiling=False))
+    status = {b.name: (b.status, b.reason) for b in results.backends}
+    assert status == {BASELINE: ("ok", None), "onnxruntime-cpu": ("ok", None)}
+    ort = next(b for b in results.backends if b.name == "onnxruntime-cpu")
+    assert ort.details["provider"] == "cpu" and ort.precision == "fp32"
+    row = results.measurement("onnxruntime-cpu", 2)
+    assert row.stages["scoring"] is not None  # vision graph + kernel: scoring timed apart
+    base = results.measurement(BASELINE, 2)
+    assert row.speedup == pytest.approx(row.pipeline.throughput / base.pipeline.throughput)
+    assert any("exported for this run" in note for note in results.notes)
+    assert any("added: every speedup" in note for note in results.notes)
+
+
+def test_failed_backend_is_reported_not_dropped(monkeypatch):
+    def broken(name, model, artifacts):
+        raise RuntimeError("provider crashed\nsecond line")
+
+    monkeypatch.setattr(harness, "_build", broken)
+    results = run_bench(short_config(batches=(1,), iters=1, measure_ceiling=False,
+                                     backends=(BASELINE,)))
+    (backend,) = results.backends
+    assert backend.status == "failed"
+    assert backend.reason == "RuntimeError: provider crashed"
+    assert results.measurements == []
+
+
+def test_unknown_backend_and_bad_settings_are_one_line_errors():
+    with pytest.raises(FBClipError, match="choose from"):
+        run_bench(short_config(backends=("torch-eager-fp64",)))
+    with pytest.raises(FBClipError, match="--batch"):
+        run_bench(short_config(batches=(0,)))
+
+
+def test_default_backend_list_names_a_reason_for_everything_left_out():
+    chosen, skipped = bench_backends.default_backends()
+    assert BASELINE in chosen
+    assert sorted(chosen + list(skipped)) == sorted(ALL_BACKENDS)
+    assert all(skipped.values())
+    if not torch.cuda.is_available():
+        assert "torch-fp16-sdpa" in skipped and "torch-compile" in skipped
+
+
+def test_stage_stats_percentiles_and_repeat_spread():
+    stats = stage_stats([10.0, 10.0, 20.0, 20.0], batch=4, repeats=2)
+    assert stats.p50_ms == pytest.approx(15.0)
+    assert stats.throughput_max == pytest.approx(4 * 2 / 0.020)
+    assert stats.throughput_min == pytest.approx(4 * 2 / 0.040)
+    assert stats.iterations == 4
+
+
+def test_add_speedups_uses_same_batch_baseline():
+    def row(name, batch, ms):
+        stats = stage_stats([ms], batch, 1)
+        return harness.Measurement(name, batch, stats, {}, ms, stats.throughput, None, None,
+                                   0.0, None, None, None, None, None, "process", 0.0)
+
+    rows = [row(BASELINE, 1, 10.0), row(BASELINE, 8, 40.0), row("x", 1, 5.0), row("x", 8, 10.0),
+            row("y", 32, 1.0)]
+    harness.add_speedups(rows)
+    assert [r.speedup for r in rows[:4]] == pytest.approx([1.0, 1.0, 2.0, 4.0])
+    assert rows[4].speedup is None
+
+
+def test_device_description_and_ceiling():
+    info = describe_device()
+    assert info.cpu_model and info.cpu_logical_cores >= 1
+    assert info.versions["torch"] and re.fullmatch(r"[a-z0-9-]+", info.label)
+    assert device_label(None, None, "AMD EPYC 7B13 Processor", 2) == "amd-epyc-7b13-2c"
+    ceiling = measure_matmul_ceiling("cpu", torch.float32, size=128, min_seconds=0.01)
+    assert ceiling.tflops > 0 and ceiling.iterations >= 3
+
+
+def test_tegrastats_power_parsing():
+    jp5 = "RAM 2/7MB CPU [1%@729] VDD_IN 5012mW/4980mW VDD_CPU_GPU_CV 900mW/880mW"
+    assert parse_tegrastats_line(jp5) == {"VDD_IN": 5012.0, "VDD_CPU_GPU_CV": 900.0}
+    jp4 = "RAM 1/3MB POM_5V_IN 3000/2950 POM_5V_GPU 400/380"
+    assert parse_tegrastats_line(jp4) == {"POM_5V_IN": 3000.0, "POM_5V_GPU": 400.0}
+
+
+def test_power_sampler_reads_a_tegrastats_stream(tmp_path, monkeypatch):
+    fake = tmp_path / "tegrastats"
+    fake.write_text("#!/bin/sh\nwhile true; do echo 'RAM 1/2MB VDD_IN 4000mW/4000mW'; "
+                    "sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    start = time.perf_counter()
+    sampler = PowerSampler(interval_ms=50).start()
+    assert sampler.active
+    time.sleep(0.4)
+    sampler.stop()
+    assert not sampler.active and sampler.samples
+    assert sampler.mean_mw(start, time.perf_counter()) == {"VDD_IN": 4000.0}
+    assert sampler.mean_mw(0.0, start - 1) is None
