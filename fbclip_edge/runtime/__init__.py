@@ -1,5 +1,9 @@
-"""One inference interface over torch, onnxruntime and TensorRT backends."""
+"""One inference interface over torch, onnxruntime and TensorRT backends.
 
-from fbclip_edge.runtime.base import Backend, BackendInfo, TorchBackend
+`fbclip_edge.runtime.open(artifacts, backend="auto")` opens an export folder as a Backend.
+"""
 
-__all__ = ["Backend", "BackendInfo", "TorchBackend"]
+from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer, TorchBackend
+from fbclip_edge.runtime.open import open  # noqa: A004 - the runtime's public entry point
+
+__all__ = ["Backend", "BackendInfo", "MapScorer", "TorchBackend", "open"]

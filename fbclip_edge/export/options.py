@@ -1,0 +1,136 @@
+"""Export settings as types: precision, scoring mode, targets, batch profile and tolerances."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from fbclip_edge.errors import FBClipError
+
+
+class Precision(str, Enum):
+    """Compute precision of the engine; ONNX graphs are always exported in float32 too."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+class Scoring(str, Enum):
+    """Where the maps are scored: the fused kernels after the vision graph, or inside the graph."""
+
+    KERNEL = "kernel"
+    GRAPH = "graph"
+
+
+class Target(str, Enum):
+    """What export builds besides the always-written float32 ONNX graphs."""
+
+    ONNX = "onnx"
+    TRT = "trt"
+
+
+class GraphRole(str, Enum):
+    """vision: pixels -> 15 projected token maps; full: pixels -> image score and patch map."""
+
+    VISION = "vision"
+    FULL = "full"
+
+
+def _choice(kind: type[Enum], value: object, option: str) -> Enum:
+    """Enum member from its value, or a one-line error listing the choices."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(str(value).strip().lower())
+    except ValueError:
+        choices = "|".join(str(member.value) for member in kind)
+        raise FBClipError(f"{option} must be {choices}, not {value!r}") from None
+
+
+def parse_precision(value: str | Precision) -> Precision:
+    """'fp16' | 'fp32' -> Precision."""
+    return _choice(Precision, value, "--precision")  # type: ignore[return-value]
+
+
+def parse_scoring(value: str | Scoring) -> Scoring:
+    """'kernel' | 'graph' -> Scoring."""
+    return _choice(Scoring, value, "--scoring")  # type: ignore[return-value]
+
+
+def parse_targets(value: str | Iterable[str | Target]) -> tuple[Target, ...]:
+    """'onnx,trt' (or an iterable) -> ordered, de-duplicated targets."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    targets: list[Target] = []
+    for item in items:
+        if str(getattr(item, "value", item)).strip():
+            target = _choice(Target, item, "--targets")
+            if target not in targets:
+                targets.append(target)  # type: ignore[arg-type]
+    if not targets:
+        raise FBClipError("--targets is empty; use onnx, trt or onnx,trt")
+    return tuple(targets)
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Batch sizes an engine accepts (min..max) and the one it is tuned for (opt)."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise FBClipError(
+                f"batch profile {self} needs 1 <= min <= opt <= max; write it as MIN:OPT:MAX, "
+                "e.g. 1:8:32"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+    @classmethod
+    def parse(cls, text: str | BatchProfile) -> BatchProfile:
+        """'1:8:32' (min:opt:max) or 'N' (exactly N) -> BatchProfile."""
+        if isinstance(text, BatchProfile):
+            return text
+        parts = str(text).split(":")
+        try:
+            numbers = [int(part) for part in parts]
+        except ValueError:
+            raise FBClipError(
+                f"--batch '{text}' must be MIN:OPT:MAX integers, e.g. 1:8:32"
+            ) from None
+        if len(numbers) == 1:
+            numbers = numbers * 3
+        if len(numbers) != 3:
+            raise FBClipError(f"--batch '{text}' must be MIN:OPT:MAX, e.g. 1:8:32")
+        return cls(*numbers)
+
+    def check(self, batch: int, what: str = "these artifacts") -> None:
+        """Refuse a batch outside min..max: TensorRT cannot run it, and the profile is the
+        contract every backend of an artifacts folder keeps."""
+        if not self.min <= batch <= self.max:
+            raise FBClipError(
+                f"batch {batch} is outside the profile {self.min}..{self.max} of {what}; split "
+                f"the batch, or re-export with --batch {self.min}:{self.opt}:{max(batch, self.max)}"
+            )
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON-ready dict."""
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest accepted max-abs difference to the float32 PyTorch model."""
+
+    score: float
+    map: float
+
+
+DEFAULT_TOLERANCES: dict[Precision, Tolerance] = {
+    Precision.FP32: Tolerance(score=1e-4, map=1e-4),
+    Precision.FP16: Tolerance(score=5e-3, map=1e-2),
+}

@@ -1,0 +1,254 @@
+"""onnxruntime backend (CPU, CUDA and TensorRT execution providers) over exported graphs.
+
+onnxruntime silently falls back to CPU when a GPU provider cannot start, so the provider
+actually in use is read back from the session, reported, and a fallback is an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from fbclip_edge.errors import FBClipError
+from fbclip_edge.export.manifest import ArtifactError, GraphSpec, Manifest, verify_files
+from fbclip_edge.export.options import GraphRole, Precision, Scoring
+from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def import_onnxruntime() -> ModuleType:
+    """The onnxruntime module, or a one-line error naming the extra to install."""
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError:
+        raise FBClipError(
+            "onnxruntime is not installed; install fbclip-edge[cpu] (or fbclip-edge[gpu] for "
+            "CUDA), or open the artifacts with backend='torch'"
+        ) from None
+
+
+def available_providers() -> list[str]:
+    """Short names ('cpu', 'cuda', 'tensorrt') of the providers this onnxruntime offers."""
+    try:
+        names = import_onnxruntime().get_available_providers()
+    except FBClipError:
+        return []
+    return [short for short, full in PROVIDERS.items() if full in names]
+
+
+def run_batch_limit(manifest: Manifest, provider: str, device: torch.device) -> int | None:
+    """Largest batch per session run, or None for no limit.
+
+    onnxruntime's CPU and CUDA providers materialize every attention matrix of the FB
+    attention (M maps x heads x T^2 floats per image, about 2 GB at 518 px), where torch
+    and TensorRT use fused attention; larger batches are split so a run stays within a
+    quarter of the RAM (CPU) or half the free GPU memory (CUDA) instead of being OOM-killed.
+    """
+    if provider == "tensorrt":
+        return None
+    heads = int(manifest.model.config.get("fb_heads", 8))
+    per_image = 3 * 4 * manifest.num_maps * heads * manifest.tokens**2
+    if provider == "cuda" and torch.cuda.is_available():
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    else:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    return max(1, int(budget // per_image))
+
+
+def _cache_dir(graph_sha: str) -> Path:
+    """Where the TensorRT provider keeps its engines: per graph, outside the artifacts."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "fbclip-edge" / "ort-tensorrt" / graph_sha[:16]
+
+
+def _provider_list(
+    provider: str, device_id: int, spec: GraphSpec, manifest: Manifest, graph_sha: str
+) -> list[Any]:
+    """The provider chain: the asked one first, CPU last (for the few ops a GPU EP skips)."""
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    size, batch = manifest.image_size, manifest.batch
+    cache = _cache_dir(graph_sha)
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def shape(n: int) -> str:
+        return f"pixel_values:{n}x3x{size}x{size}"
+
+    options = {
+        "device_id": device_id,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_profile_min_shapes": shape(batch.min),
+        "trt_profile_opt_shapes": shape(batch.opt),
+        "trt_profile_max_shapes": shape(batch.max),
+    }
+    return [("TensorrtExecutionProvider", options), cuda, "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(Backend):
+    """One onnxruntime session over the graph the manifest's scoring mode needs."""
+
+    def __init__(
+        self,
+        artifacts: Path,
+        manifest: Manifest,
+        provider: str = "cpu",
+        device: str | None = None,
+        precision: str | None = None,
+        verify: bool = True,
+    ) -> None:
+        ort = import_onnxruntime()
+        if provider not in PROVIDERS:
+            raise FBClipError(f"provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
+        wanted = PROVIDERS[provider]
+        if wanted not in ort.get_available_providers():
+            raise FBClipError(
+                f"onnxruntime provider '{provider}' is not available (onnxruntime "
+                f"{ort.__version__} offers {', '.join(ort.get_available_providers())}); install "
+                "fbclip-edge[gpu] (onnxruntime-gpu) on a CUDA machine, or use provider='cpu'"
+            )
+        spec = self._graph(manifest, provider, precision)
+        files = [spec.file, *spec.data_files]
+        if manifest.scoring == Scoring.KERNEL:
+            files += [manifest.text_features, manifest.map_weights]
+        if verify:
+            verify_files(manifest, artifacts, files)
+        gpu = torch.device(device or "cuda")
+        device_id = gpu.index or 0
+        # GPU providers exchange torch CUDA tensors when torch has CUDA, else host arrays.
+        self.bind = provider != "cpu" and torch.cuda.is_available()
+        self.device = gpu if self.bind else torch.device("cpu")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: unused-initializer notes are noise
+        chain = _provider_list(
+            provider, device_id, spec, manifest, manifest.files.get(spec.file, spec.file)
+        )
+        try:
+            self.session = ort.InferenceSession(
+                str(artifacts / spec.file), options, providers=chain
+            )
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ArtifactError(
+                f"onnxruntime cannot load {spec.file} ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]}); re-export the artifacts"
+            ) from None
+        used = self.session.get_providers()
+        if used[0] != wanted:
+            raise FBClipError(
+                f"onnxruntime fell back to {used[0]} although {wanted} was asked (CUDA / "
+                "TensorRT libraries not found?); fix the GPU install or use provider='cpu'"
+            )
+        self._check_interface(spec, manifest)
+        self.spec, self.provider = spec, provider
+        self.run_batch = run_batch_limit(manifest, provider, self.device)
+        self.batch_range = (manifest.batch.min, manifest.batch.max)
+        self.scorer = None
+        if manifest.scoring == Scoring.KERNEL:
+            text = torch.from_numpy(np.load(artifacts / manifest.text_features))
+            weights = torch.from_numpy(np.load(artifacts / manifest.map_weights))
+            self.scorer = MapScorer(text, weights, manifest.temperature)
+        self.info = BackendInfo(
+            "onnxruntime",
+            str(self.device),
+            spec.precision.value,
+            manifest.image_size,
+            {
+                "provider": provider,
+                "providers": ", ".join(used),
+                "graph": spec.file,
+                "scoring": manifest.scoring.value,
+                "onnxruntime": ort.__version__,
+                "run_batch": self.run_batch or "any",
+            },
+        )
+
+    @staticmethod
+    def _graph(manifest: Manifest, provider: str, precision: str | None) -> GraphSpec:
+        """FP16 (mixed) graph on GPU providers when exported, float32 otherwise or if asked."""
+        role = GraphRole.VISION if manifest.scoring == Scoring.KERNEL else GraphRole.FULL
+        if precision is None:
+            gpu_fp16 = provider != "cpu" and manifest.precision == Precision.FP16
+            wanted = Precision.FP16 if gpu_fp16 else Precision.FP32
+        else:
+            wanted = Precision(precision)
+        spec = manifest.graph(role, wanted) or manifest.graph(role, Precision.FP32)
+        if spec is None or (precision is not None and spec.precision != wanted):
+            raise ArtifactError(
+                f"the artifacts have no {wanted.value} {role.value} graph; re-export with "
+                f"--precision {wanted.value} --scoring {manifest.scoring.value}"
+            )
+        return spec
+
+    def _check_interface(self, spec: GraphSpec, manifest: Manifest) -> None:
+        """The graph must fit the manifest (catches a graph copied from another export)."""
+        found = [(t.name, list(t.shape)) for t in self.session.get_outputs()]
+        expected = [(t.name, list(t.shape)) for t in spec.outputs]
+        size = manifest.image_size
+        shape = list(self.session.get_inputs()[0].shape)
+        if shape[1:] != [3, size, size] or [(name, dims[1:]) for name, dims in found] != [
+            (name, dims[1:]) for name, dims in expected
+        ]:
+            raise ArtifactError(
+                f"{spec.file} takes {shape} and gives {found}, but the manifest describes "
+                f"(3, {size}, {size}) -> {expected}: the graph belongs to another export; "
+                "re-export the folder"
+            )
+
+    @property
+    def input_device(self) -> torch.device:
+        """CPU for the CPU provider, else the GPU the session runs on."""
+        return self.device
+
+    def _outputs_bound(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """GPU providers: torch tensors bound in place, no host round trip."""
+        pixels = pixels.to(self.device).contiguous()
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        binding.bind_input(
+            "pixel_values", "cuda", index, np.float32, tuple(pixels.shape), pixels.data_ptr()
+        )
+        outputs = []
+        for spec in self.spec.outputs:
+            shape = [pixels.shape[0] if d == "batch" else int(d) for d in spec.shape]
+            out = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(spec.name, "cuda", index, np.float32, tuple(shape), out.data_ptr())
+            outputs.append(out)
+        torch.cuda.current_stream(self.device).synchronize()  # input written before ORT reads
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+    def _session_run(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        if self.bind:
+            return self._outputs_bound(pixels)
+        feed = {"pixel_values": np.ascontiguousarray(pixels.cpu().numpy())}
+        return [torch.from_numpy(o) for o in self.session.run(None, feed)]
+
+    @torch.inference_mode()
+    def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.run_batch or pixel_values.shape[0]
+        results = []
+        for start in range(0, pixel_values.shape[0], step):
+            outputs = self._session_run(pixel_values[start : start + step])
+            if self.scorer is not None:
+                results.append(self.scorer(outputs[0]))
+            else:
+                results.append((outputs[0].float(), outputs[1].float()))
+        if len(results) == 1:
+            return results[0]
+        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
