@@ -287,3 +287,22 @@ def test_manifest_records_how_it_was_made(exported):
     assert {"torch", "onnx", "onnxruntime", "fbclip_edge"} <= set(manifest.versions)
     assert manifest.engines == [] and manifest.timing_cache is None
     assert len(manifest.model.weights_sha256) == 64
+
+
+def test_parity_images_from_a_folder(tmp_path):
+    from PIL import Image
+
+    from fbclip_edge.export import read_parity_images
+
+    for sub, value in (("good", 100), ("scratch", 20)):
+        (tmp_path / "labelled" / sub).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (value,) * 3).save(tmp_path / "labelled" / sub / "a.png")
+    frames, labels = read_parity_images(tmp_path / "labelled")
+    assert labels == [0, 1] and frames[0].shape == (20, 20, 3)
+    frames, labels = read_parity_images(tmp_path / "labelled" / "good")
+    assert labels is None and len(frames) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FBClipError, match="no images"):
+        read_parity_images(tmp_path / "empty")
+    with pytest.raises(FBClipError, match="does not exist"):
+        read_parity_images(tmp_path / "missing")
