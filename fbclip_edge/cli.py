@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fbclip_edge.errors import FBClipError
@@ -26,8 +27,9 @@ def friendly_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FBClipError as error:
+            message = escape(str(error))  # messages name extras like fbclip-edge[trt]
             Console(stderr=True).print(
-                f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True
+                f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(1) from None
 
@@ -321,3 +323,80 @@ def eval_command(
     if out is not None:
         json_path, md_path = write_report(report, out)
         console.print(f"wrote {json_path} and {md_path}")
+
+
+@app.command()
+@friendly_errors
+def export(
+    model: Annotated[Path, typer.Option(help="Model folder (config.json + model.safetensors).")],
+    out: Annotated[Path, typer.Option(help="Artifacts folder to write (replaced atomically).")],
+    image_size: Annotated[
+        int | None, typer.Option(help="Input side in pixels; default: the model's.")
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Batch profile MIN:OPT:MAX.")] = "1:8:32",
+    precision: Annotated[
+        str, typer.Option(help="fp16 (LayerNorm, Softmax, reductions in FP32) or fp32.")
+    ] = "fp16",
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated: auto (onnx, + trt with a GPU), onnx, trt, triton.")
+    ] = "auto",
+    scoring: Annotated[
+        str, typer.Option(help="kernel: vision graph + fused kernels; graph: all in the graph.")
+    ] = "kernel",
+    parity_images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images for the parity check (subfolders: good = normal); default: synthetic."
+        ),
+    ] = None,
+    workspace_gb: Annotated[float, typer.Option(help="TensorRT memory-pool limit, GiB.")] = 8.0,
+    opt_level: Annotated[int, typer.Option(help="TensorRT builder optimization level 0-5.")] = 3,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="Timing cache to start from; default: OUT/timing.cache.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="CUDA device, e.g. cuda:1.")] = None,
+) -> None:
+    """Export ONNX graphs and TensorRT engines with a manifest and a parity report."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from fbclip_edge.export import ParityError, export_artifacts, parity_table, read_parity_images
+
+    frames, labels = read_parity_images(parity_images) if parity_images else (None, None)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("export", total=None)
+
+        def step(text: str, done: int, total: int) -> None:
+            bar.update(task, description=text, completed=done, total=total)
+
+        try:
+            result = export_artifacts(
+                model,
+                out,
+                image_size=image_size,
+                batch=batch,
+                precision=precision,
+                targets=targets,
+                scoring=scoring,
+                parity_frames=frames,
+                parity_labels=labels,
+                workspace_gb=workspace_gb,
+                optimization_level=opt_level,
+                timing_cache=timing_cache,
+                device=device,
+                progress=step,
+            )
+        except ParityError as error:
+            console.print(parity_table(error.report))
+            raise
+    console.print(parity_table(result.parity))
+    manifest = result.manifest
+    engine = manifest.engine()
+    built = ""
+    if engine:
+        built = f", engine {engine.file} (TensorRT {engine.tensorrt_version}, "
+        built += f"sm {engine.compute_capability})"
+    console.print(
+        f"wrote {out}: {len(manifest.files)} files, {manifest.precision.value}, "
+        f"scoring={manifest.scoring.value}, batch {manifest.batch}{built}"
+    )

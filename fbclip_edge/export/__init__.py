@@ -57,6 +57,7 @@ from fbclip_edge.export.parity import (
     read_parity_images,
     reference_outputs,
 )
+from fbclip_edge.export.triton_repo import write_triton_repository
 from fbclip_edge.model import FBCLIP
 
 Progress = Callable[[str, int, int], None]
@@ -144,7 +145,7 @@ def export_artifacts(
     image_size: int | None = None,
     batch: str | BatchProfile = "1:8:32",
     precision: str | Precision = "fp16",
-    targets: str | Iterable[str | Target] = "onnx,trt",
+    targets: str | Iterable[str | Target] = "auto",
     scoring: str | Scoring = "kernel",
     parity_frames: Sequence[np.ndarray] | None = None,
     parity_labels: Sequence[int] | None = None,
@@ -170,7 +171,7 @@ def export_artifacts(
     limits = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     fp16 = wanted == Precision.FP16
     rows = (Target.ONNX in chosen) * (1 + fp16) + with_trt
-    total = 6 + fp16 + with_trt + rows
+    total = 6 + fp16 + with_trt + rows + (Target.TRITON in chosen)
     step = _Steps(progress, total)
     out = Path(out)
     old_cache = Path(timing_cache) if timing_cache else out / TIMING_CACHE
@@ -238,6 +239,9 @@ def export_artifacts(
         names = [TEXT_FEATURES, MAP_WEIGHTS]
         names += [name for g in graphs for name in (g.file, *g.data_files)]
         names += [e.file for e in engines] + ([TIMING_CACHE] if engines else [])
+        if Target.TRITON in chosen:
+            step("Triton model repository")
+            names += write_triton_repository(manifest, staging)
         record_files(manifest, staging, names)
         write_manifest(manifest, staging)
         read_manifest(staging)  # round trip: what we wrote is what runtimes will read

@@ -28,6 +28,7 @@ class Target(str, Enum):
 
     ONNX = "onnx"
     TRT = "trt"
+    TRITON = "triton"  # a Triton Inference Server model repository
 
 
 class GraphRole(str, Enum):
@@ -58,9 +59,24 @@ def parse_scoring(value: str | Scoring) -> Scoring:
     return _choice(Scoring, value, "--scoring")  # type: ignore[return-value]
 
 
+def tensorrt_usable() -> bool:
+    """TensorRT imports and a CUDA device is present (what an engine build needs)."""
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
 def parse_targets(value: str | Iterable[str | Target]) -> tuple[Target, ...]:
-    """'onnx,trt' (or an iterable) -> ordered, de-duplicated targets."""
+    """'onnx,trt' (or an iterable) -> ordered, de-duplicated targets.
+
+    'auto' means onnx, plus trt where TensorRT and a GPU are present.
+    """
     items = value.split(",") if isinstance(value, str) else list(value)
+    if any(str(item).strip().lower() == "auto" for item in items):
+        automatic = ["onnx", "trt"] if tensorrt_usable() else ["onnx"]
+        items = automatic + [i for i in items if str(i).strip().lower() != "auto"]
     targets: list[Target] = []
     for item in items:
         if str(getattr(item, "value", item)).strip():
@@ -68,7 +84,7 @@ def parse_targets(value: str | Iterable[str | Target]) -> tuple[Target, ...]:
             if target not in targets:
                 targets.append(target)  # type: ignore[arg-type]
     if not targets:
-        raise FBClipError("--targets is empty; use onnx, trt or onnx,trt")
+        raise FBClipError("--targets is empty; use auto, onnx, trt, triton or a list like onnx,trt")
     return tuple(targets)
 
 
