@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -399,4 +400,65 @@ def export(
     console.print(
         f"wrote {out}: {len(manifest.files)} files, {manifest.precision.value}, "
         f"scoring={manifest.scoring.value}, batch {manifest.batch}{built}"
+    )
+
+
+@app.command()
+@friendly_errors
+def calibrate(
+    artifacts: Annotated[Path, typer.Option(help="Artifacts folder from `fbclip-edge export`.")],
+    good: Annotated[Path, typer.Option(help="Folder of known-good images (searched recursively).")],
+    target_fpr: Annotated[
+        float, typer.Option(help="Wanted false-alarm rate on good frames.")
+    ] = 0.01,
+    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
+) -> None:
+    """Set image and pixel thresholds from known-good images; store them in the manifest."""
+    from fbclip_edge.calibrate import calibrate_folder, write_calibration
+    from fbclip_edge.detector import Detector
+
+    detector = Detector.open(artifacts, backend=backend, device=device)
+    run = calibrate_folder(detector, good, target_fpr)
+    for name, reason in run.failed.items():
+        console.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}", highlight=False)
+    c = run.calibration
+    write_calibration(artifacts, c)
+    console.print(
+        f"image threshold {c.image_threshold:.6f} (the {c.rank}-th of {c.n_images} good scores), "
+        f"pixel threshold {c.pixel_threshold:.6f}; expected false-alarm rate on new good frames "
+        f"{100 * c.expected_fpr:.2f}% (target {100 * c.target_fpr:.2f}%, "
+        f"{100 * c.calibration_fpr:.2f}% on these frames); stored in {artifacts}/manifest.json"
+    )
+    if c.expected_fpr > c.target_fpr:
+        needed = int(np.ceil(1 / c.target_fpr)) - 1
+        console.print(
+            f"[yellow]warning:[/] {c.n_images} good frames cannot reach the target; "
+            f"use at least {needed}"
+        )
+
+
+@app.command()
+@friendly_errors
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    artifacts: Annotated[Path, typer.Option(help="Artifacts folder from `fbclip-edge export`.")],
+    out: Annotated[Path, typer.Option(help="Folder for overlays/, results.csv and results.json.")],
+    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
+) -> None:
+    """Score images; write heat-map overlays and a results table (unreadable files are listed)."""
+    from fbclip_edge.detector import Detector
+    from fbclip_edge.predict import predict_files
+
+    detector = Detector.open(artifacts, backend=backend, device=device)
+    result = predict_files(detector, inputs, out)
+    for name, reason in result.failed.items():
+        console.print(f"[yellow]unreadable[/] {escape(name)}: {escape(reason)}", highlight=False)
+    flagged = sum(row.decision == "anomalous" for row in result.rows)
+    calibrated = "calibrated" if detector.thresholds.calibrated else "uncalibrated: threshold 0.5"
+    console.print(
+        f"scored {len(result.rows)} images ({flagged} anomalous, {calibrated}), "
+        f"{len(result.failed)} unreadable, with {detector.backend.info.name}; "
+        f"overlays in {out}/overlays, table in {out}/results.csv"
     )

@@ -128,3 +128,64 @@ def test_overlay_panel_layout_and_contour():
     panel = np.asarray(overlay_panel(image, np.full((20, 30), 0.9, np.float32), mask, "x"))
     assert panel.shape == (20 + 18, 90, 3)
     assert tuple(panel[18 + 5, 60 + 10]) == (255, 0, 0)  # contour drawn on the third panel
+
+
+def test_cli_export_calibrate_predict(tmp_path):
+    """The integrator's flow through the CLI: export, calibrate on good frames, predict."""
+    from typer.testing import CliRunner
+
+    from fbclip_edge import save_model
+    from fbclip_edge.cli import app
+
+    runner = CliRunner()
+    save_model(create_model("tiny", image_size=56, seed=0), tmp_path / "model")
+    make_synthetic(tmp_path / "data", categories=1, images=12, size=64, seed=3)
+    category = next(p for p in (tmp_path / "data").iterdir() if p.is_dir())
+    artifacts = tmp_path / "artifacts"
+    done = runner.invoke(
+        app,
+        [
+            "export",
+            "--model",
+            str(tmp_path / "model"),
+            "--out",
+            str(artifacts),
+            "--precision",
+            "fp32",
+            "--batch",
+            "1:2:8",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "--artifacts",
+            str(artifacts),
+            "--good",
+            str(category / "train" / "good"),
+            "--target-fpr",
+            "0.1",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "expected false-alarm rate" in done.output
+    assert read_calibration(artifacts).n_images == 12
+    done = runner.invoke(
+        app,
+        [
+            "predict",
+            str(category / "test"),
+            "--artifacts",
+            str(artifacts),
+            "--out",
+            str(tmp_path / "out"),
+            "--backend",
+            "onnxruntime",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "calibrated" in done.output and "with onnxruntime" in done.output
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert payload["counts"]["scored"] == len(list((category / "test").rglob("*.png")))
