@@ -2,7 +2,8 @@
 
 Builds FB-CLIP from the reference fixture when it is next to the checkout (and checks
 parity with the authors' outputs), or from the built-in tiny config with seeded random
-weights otherwise, then scores a few procedurally drawn frames.
+weights otherwise, then predicts on a small synthetic inspection set and writes heat-map
+overlays a person can look at.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import numpy as np
 import torch
 
 from fbclip_edge.checkpoint import import_official
+from fbclip_edge.data.synthetic import make_synthetic
+from fbclip_edge.detector import Detector
 from fbclip_edge.factory import create_model
 from fbclip_edge.model import FBCLIP
 from fbclip_edge.postprocess import anomaly_map
-from fbclip_edge.preprocess import preprocess
+from fbclip_edge.predict import PredictResult, predict_files
+from fbclip_edge.runtime import TorchBackend
 
 FIXTURE_ENV = "FBCLIP_FIXTURE"
 FIXTURE_FILES = ("clip_openai_state_dict.pt", "fbclip_checkpoint.pth", "golden.pt")
@@ -61,27 +65,31 @@ class DemoResult:
 
     source: str
     image_size: int
-    image_scores: list[float]
-    map_peaks: list[float]
+    predictions: PredictResult
     parity: dict[str, float] = field(default_factory=dict)
 
 
-def fixture_parity(model: FBCLIP, fixture: Path) -> tuple[dict[str, float], torch.Tensor]:
+def fixture_parity(model: FBCLIP, fixture: Path) -> dict[str, float]:
     """Max abs difference to the authors' outputs on the fixture's two (518 px) images."""
     golden = torch.load(fixture / "golden.pt", map_location="cpu", weights_only=False)
     with torch.no_grad():
         output = model(golden["pixel_values"])
     full = anomaly_map(output.patch_map, golden["anomaly_map"].shape[-2:])
-    diffs = {
+    return {
         "image_score": (output.image_score - golden["image_score"]).abs().max().item(),
         "patch_map": (output.patch_map - golden["patch_map"]).abs().max().item(),
         "anomaly_map": (full - golden["anomaly_map"]).abs().max().item(),
     }
-    return diffs, output.image_score
 
 
-def run_demo(use_fixture: bool = True, image_size: int = 518) -> DemoResult:
-    """Build the default model, score the demo frames, and check parity when possible."""
+def run_demo(
+    out: str | Path = "demo-out",
+    use_fixture: bool = True,
+    image_size: int = 518,
+    show_progress: bool = True,
+) -> DemoResult:
+    """Build the default model (checking parity when the fixture is there), draw a small
+    synthetic inspection set, and predict on it with heat-map overlays in `out`."""
     fixture = find_fixture() if use_fixture else None
     parity: dict[str, float] = {}
     if fixture is not None:
@@ -89,19 +97,15 @@ def run_demo(use_fixture: bool = True, image_size: int = 518) -> DemoResult:
             fixture / FIXTURE_FILES[0], fixture / FIXTURE_FILES[1], image_size=image_size
         )
         if image_size == 518:
-            parity, _ = fixture_parity(model, fixture)
+            parity = fixture_parity(model, fixture)
         source = f"reference fixture {fixture}"
     else:
         model = create_model("tiny", image_size=image_size, seed=0)
         source = "built-in tiny config, random weights (seed 0)"
-    frames = demo_frames()
-    with torch.no_grad():
-        output = model(preprocess(frames, model.config.image_size))
-    maps = anomaly_map(output.patch_map, frames[0].shape[:2])
-    return DemoResult(
-        source,
-        model.config.image_size,
-        output.image_score.tolist(),
-        maps.amax(dim=(1, 2)).tolist(),
-        parity,
-    )
+    out = Path(out)
+    data = out / "data"
+    make_synthetic(data, categories=2, images=3, size=224, seed=0, overwrite=True)
+    tests = sorted(p / "test" for p in data.iterdir() if (p / "test").is_dir())
+    detector = Detector(TorchBackend(model, device="cpu"))
+    predictions = predict_files(detector, tests, out / "predictions", show_progress)
+    return DemoResult(source, model.config.image_size, predictions, parity)

@@ -1,25 +1,31 @@
-"""The README's main-job command runs and reports parity when the fixture is present."""
+"""The README's main-job command runs, checks parity and writes overlays a person can open."""
 
 from __future__ import annotations
 
+from PIL import Image
 from typer.testing import CliRunner
 
 from fbclip_edge.cli import app
 from fbclip_edge.demo import run_demo
 
 
-def test_demo_without_fixture_uses_builtin_tiny():
-    result = run_demo(use_fixture=False, image_size=224)
-    assert "built-in tiny" in result.source
-    assert len(result.image_scores) == 2 and not result.parity
-    assert all(0 < s < 1 for s in result.image_scores)
+def test_demo_without_fixture_uses_builtin_tiny(tmp_path):
+    result = run_demo(tmp_path / "demo", use_fixture=False, image_size=224, show_progress=False)
+    assert "built-in tiny" in result.source and not result.parity
+    rows = result.predictions.rows
+    assert len(rows) == 6 and not result.predictions.failed
+    assert all(0 < row.score < 1 for row in rows)
+    overlay = Image.open(tmp_path / "demo" / "predictions" / rows[0].overlay)
+    assert overlay.size == (3 * 224, 224 + 18)
 
 
-def test_demo_command_reports_reference_parity(fixture_dir):
-    result = CliRunner().invoke(app, ["demo"])
+def test_demo_command_reports_parity_and_overlays(fixture_dir, tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     assert "reference fixture" in result.output
     assert "match" in result.output and "MISMATCH" not in result.output
+    assert "overlays" in result.output
+    assert len(list((tmp_path / "demo" / "predictions" / "overlays").glob("*.png"))) == 6
 
 
 def test_flops_command_prints_split():
