@@ -205,7 +205,7 @@ def test_real_onnxruntime_export_against_eager():
     assert any("added: every speedup" in note for note in results.notes)
 
 
-def test_failed_backend_is_reported_not_dropped(monkeypatch):
+def test_failed_backend_is_reported_not_dropped(monkeypatch, tmp_path):
     def broken(name, model, artifacts):
         raise RuntimeError("provider crashed\nsecond line")
 
@@ -216,6 +216,9 @@ def test_failed_backend_is_reported_not_dropped(monkeypatch):
     assert backend.status == "failed"
     assert backend.reason == "RuntimeError: provider crashed"
     assert results.measurements == []
+    files = write_results(results, tmp_path)  # nothing measured: still a report and a plot
+    assert "provider crashed" in files.markdown.read_text()
+    assert files.plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_unknown_backend_and_bad_settings_are_one_line_errors():
@@ -285,3 +288,13 @@ def test_power_sampler_reads_a_tegrastats_stream(tmp_path, monkeypatch):
     assert not sampler.active and sampler.samples
     assert sampler.mean_mw(start, time.perf_counter()) == {"VDD_IN": 4000.0}
     assert sampler.mean_mw(0.0, start - 1) is None
+
+
+def test_other_cpu_share_subtracts_this_process():
+    from fbclip_edge.bench.device import CpuSnapshot, other_cpu_share
+
+    cores = os.cpu_count() or 1
+    start = CpuSnapshot(wall=0.0, machine_busy=10.0, process=1.0)
+    end = CpuSnapshot(wall=1.0, machine_busy=10.0 + cores * 0.5 + 0.2, process=1.2)
+    assert other_cpu_share(start, end) == pytest.approx(0.5)
+    assert other_cpu_share(start, None) is None

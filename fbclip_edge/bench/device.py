@@ -101,13 +101,22 @@ class MatmulCeiling:
 
 
 def cpu_model() -> str:
-    """'model name' from /proc/cpuinfo (x86), else 'Model'/'Hardware' (ARM), else platform."""
+    """'model name' from /proc/cpuinfo (x86), else 'Model'/'Hardware' (ARM), else platform.
+
+    Cloud VMs often report a bare name ('AMD EPYC'); the x86 family and model numbers are
+    then appended, since they tell the CPU generation.
+    """
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text(errors="replace")
         for key in ("model name", "Model", "Hardware"):
             match = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
             if match:
-                return match.group(1).strip()
+                name = match.group(1).strip()
+                family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.MULTILINE)
+                model = re.search(r"^model\s*:\s*(\d+)$", text, re.MULTILINE)
+                if not re.search(r"\d", name) and family and model:
+                    name += f" (family {family.group(1)}, model {model.group(1)})"
+                return name
     return platform.processor() or platform.machine()
 
 
@@ -207,7 +216,7 @@ def device_label(gpu: GpuInfo | None, jetson: JetsonInfo | None, cpu: str, cores
     elif gpu is not None:
         name = gpu.name
     else:
-        name = f"{cpu} {cores}c"
+        name = f"{cpu.split(' (')[0]} {cores}c"
     for noise in ("NVIDIA", "(R)", "(TM)", "Processor", "Developer Kit", "CPU"):
         name = name.replace(noise, " ")
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -243,6 +252,37 @@ def describe_device() -> DeviceInfo:
         gpu=gpu,
         jetson=jetson,
     )
+
+
+@dataclass
+class CpuSnapshot:
+    """Machine-wide busy CPU seconds (/proc/stat) and this process's CPU seconds, at a time."""
+
+    wall: float
+    machine_busy: float
+    process: float
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """Counters for other_cpu_share; None where /proc/stat is missing (non-Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(value) for value in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal, no guest double count
+    return CpuSnapshot(time.perf_counter(), busy, time.process_time())
+
+
+def other_cpu_share(start: CpuSnapshot | None, end: CpuSnapshot | None) -> float | None:
+    """Share (0..1) of the machine's CPU time other processes (or the hypervisor: steal)
+    used between two snapshots: the contention a measurement ran under."""
+    if start is None or end is None or end.wall <= start.wall:
+        return None
+    others = (end.machine_busy - start.machine_busy) - (end.process - start.process)
+    capacity = (end.wall - start.wall) * (os.cpu_count() or 1)
+    return round(min(1.0, max(0.0, others / capacity)), 3)
 
 
 def _sync(device: torch.device) -> None:

@@ -39,9 +39,11 @@ from fbclip_edge.bench.device import (
     DeviceInfo,
     MatmulCeiling,
     PowerSampler,
+    cpu_snapshot,
     describe_device,
     load_average,
     measure_matmul_ceiling,
+    other_cpu_share,
 )
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.kernels import anomaly_map
@@ -114,6 +116,7 @@ class Measurement:
     stages: preprocess, network, scoring (None when the backend scores inside its graph), map.
     model_*: network + scoring, the part FLOPs are counted for.
     speedup / model_speedup: throughput over torch-eager-fp32's at the same batch, same run.
+    other_cpu_share: share of the machine's CPU other processes took while this was timed.
     """
 
     backend: str
@@ -132,6 +135,7 @@ class Measurement:
     host_rss_peak_bytes: int | None
     host_rss_peak_scope: str
     warmup_seconds: float
+    other_cpu_share: float | None = None
     power_mw: dict[str, float] | None = None
 
 
@@ -431,6 +435,7 @@ def measure(
             _iteration(backend, pre, inputs[index % len(inputs)], config, clock)
         warmup_seconds = time.perf_counter() - warm_start
         window_start = time.perf_counter()
+        cpu_start = cpu_snapshot()
         for index in range(config.iters):
             stages, wall = _iteration(backend, pre, inputs[index % len(inputs)], config, clock)
             samples.pipeline.append(wall)
@@ -439,6 +444,7 @@ def measure(
             if _out_of_time(config, index + 1, time.perf_counter() - window_start):
                 break
         window_end = time.perf_counter()
+        cpu_end = cpu_snapshot()
     stats = {
         name: stage_stats(values, batch, config.repeats) if values else None
         for name, values in samples.stages.items()
@@ -469,6 +475,7 @@ def measure(
         host_rss_peak_bytes=host_rss_peak_bytes(),
         host_rss_peak_scope=rss_scope,
         warmup_seconds=warmup_seconds,
+        other_cpu_share=other_cpu_share(cpu_start, cpu_end),
         power_mw=power.mean_mw(window_start, window_end),
     )
     return row, kind
@@ -727,6 +734,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         power.stop()
     add_speedups(measurements)
     notes.extend(_standard_notes(run.preprocess_kinds))
+    notes.extend(_contention_notes(measurements))
     order = {name: index for index, name in enumerate(ALL_BACKENDS)}
     results.sort(key=lambda r: order.get(r.name, len(order)))
     return BenchResults(
@@ -758,6 +766,22 @@ def _standard_notes(preprocess_kinds: set[str]) -> list[str]:
         notes.append("preprocess gpu: torch bicubic resize with antialias on the GPU; close to "
                      "but not bit-equal with PIL's")
     return notes
+
+
+CONTENTION_WARNING = 0.10
+
+
+def _contention_notes(measurements: list[Measurement]) -> list[str]:
+    """Say so when other processes took a noticeable share of the CPU during timing."""
+    shares = [(m.other_cpu_share, m) for m in measurements if m.other_cpu_share is not None]
+    if not shares:
+        return []
+    worst, row = max(shares, key=lambda pair: pair[0])
+    if worst < CONTENTION_WARNING:
+        return [f"other processes used at most {worst:.0%} of the CPU while timing"]
+    return [f"CONTENTION: other processes used up to {worst:.0%} of the CPU while timing "
+            f"({row.backend}, batch {row.batch}); those numbers are slower and noisier than "
+            "on a quiet machine: compare rows with the 'other CPU' column in mind"]
 
 
 def _config_dict(config: BenchConfig) -> dict[str, Any]:

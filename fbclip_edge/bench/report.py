@@ -99,6 +99,8 @@ def _columns(row: Measurement) -> dict[str, str]:
         "GPU peak MiB": _mib(row.gpu_peak_allocated_bytes),
         "RSS peak MiB": _mib(row.host_rss_peak_bytes),
         "memory MiB": _memory(row),
+        "other CPU": _fmt(None if row.other_cpu_share is None else 100 * row.other_cpu_share,
+                          0, "%"),
     }
 
 
@@ -106,7 +108,7 @@ def _columns(row: Measurement) -> dict[str, str]:
 # until the table fits the console.
 SUMMARY_HEADER = ["backend", "batch", "iters", "img/s", "img/s min-max", "p50 ms", "p90 ms",
                   "p99 ms", "speedup", "model img/s", "model speedup", "TFLOP/s", "% ceiling",
-                  "GPU peak MiB", "RSS peak MiB"]
+                  "GPU peak MiB", "RSS peak MiB", "other CPU"]
 TERMINAL_HEADER = ["backend", "batch", "img/s", "img/s min-max", "p50 ms", "p99 ms", "speedup",
                    "model img/s", "model speedup", "TFLOP/s", "% ceiling", "memory MiB"]
 TERMINAL_DROP_ORDER = ["img/s min-max", "TFLOP/s", "memory MiB", "model img/s", "p99 ms",
@@ -340,3 +342,35 @@ def default_out_dir(results: BenchResults, root: str | Path = "benchmarks/result
     model = re.sub(r"[^a-z0-9]+", "-", results.model.backbone.lower()).strip("-")
     run = f"{results.device.label}-{results.started_at[:10]}"
     return Path(root) / run / f"{model}-{results.model.image_size}"
+
+
+def recorded_runs_table(root: str | Path = "benchmarks/results") -> str:
+    """Markdown rows summarizing every results.json under root (for benchmarks/README.md):
+    pipeline img/s and speedup per backend and batch, and the worst contention."""
+    rows = []
+    for path in sorted(Path(root).glob("*/*/" + JSON_NAME)):
+        data = json.loads(path.read_text())
+        model = data["model"]
+        device = data["device"]
+        hardware = device["gpu"]["name"] if device.get("gpu") else (
+            f"{device['cpu_model']}, {device['cpu_logical_cores']} cores")
+        batches = sorted({m["batch"] for m in data["measurements"]})
+        for backend in dict.fromkeys(m["backend"] for m in data["measurements"]):
+            cells = []
+            shares = []
+            for batch in batches:
+                row = next((m for m in data["measurements"]
+                            if m["backend"] == backend and m["batch"] == batch), None)
+                if row is None:
+                    cells.append("-")
+                    continue
+                cells.append(f"b{batch}: {_rate(row['pipeline']['throughput'])} img/s "
+                             f"({_fmt(row['speedup'], 2, 'x')})")
+                shares.append(row.get("other_cpu_share") or 0.0)
+            folder = path.parent.relative_to(Path(root))
+            rows.append([f"[{folder}](results/{folder.as_posix()}/{MARKDOWN_NAME})", hardware,
+                         f"{model['backbone']} @ {model['image_size']}", backend,
+                         "; ".join(cells), f"{max(shares, default=0.0):.0%}"])
+    header = ["run", "device", "model", "backend", "pipeline throughput (speedup vs eager fp32)",
+              "other CPU"]
+    return "\n".join(_md_table(header, rows))
