@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,3 +299,28 @@ def test_other_cpu_share_subtracts_this_process():
     end = CpuSnapshot(wall=1.0, machine_busy=10.0 + cores * 0.5 + 0.2, process=1.2)
     assert other_cpu_share(start, end) == pytest.approx(0.5)
     assert other_cpu_share(start, None) is None
+
+
+def test_device_side_preprocess_is_close_to_pil():
+    """The GPU preprocess path (run here on CPU tensors) matches PIL to a few grey levels."""
+    from fbclip_edge.preprocess import preprocess
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8)
+    frames[:, 10:30, 20:40] = 200  # structure, so resampling differences would show
+    device_side = harness.gpu_preprocess(torch.from_numpy(frames), 28, torch.device("cpu"))
+    reference = preprocess(frames, 28)
+    assert device_side.shape == reference.shape == (2, 3, 28, 28)
+    grey_level = 1 / 255 / 0.27  # one 8-bit step after normalization
+    assert (device_side - reference).abs().mean() < 3 * grey_level
+
+
+def test_cli_argument_parsing():
+    assert harness.parse_batches("1,8,32") == (1, 8, 32)
+    assert harness.parse_backends(None) is None and harness.parse_backends("all") is None
+    assert harness.parse_backends("torch-eager-fp32, tensorrt") == (BASELINE, "tensorrt")
+    with pytest.raises(FBClipError, match="comma-separated"):
+        harness.parse_batches("1,x")
+    with pytest.raises(FBClipError, match="positive"):
+        harness.parse_batches("0")
+    with pytest.raises(FBClipError, match="choose from"):
+        harness.parse_backends("tensorrt,onnx")

@@ -43,8 +43,8 @@ GPU_ORT_CPU_REASON = (
     "next to a GPU (and is slow on large models); pass --backends onnxruntime-cpu to include it"
 )
 CPU_COMPILE_REASON = (
-    "not in the default list on CPU: inductor compiles the model for minutes per batch size "
-    "on a small CPU; pass --backends torch-compile to include it"
+    "not in the default list on CPU: inductor takes from 40 s to over 2 min per batch size "
+    "to compile the model on a 2-core CPU; pass --backends torch-compile to include it"
 )
 
 Outputs = tuple[torch.Tensor, torch.Tensor]
