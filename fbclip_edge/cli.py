@@ -472,3 +472,66 @@ def predict(
         f"{len(result.failed)} unreadable, with {detector.backend.info.name}; "
         f"overlays in {out}/overlays, table in {out}/results.csv"
     )
+
+
+@app.command()
+@friendly_errors
+def bench(
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder (default: a random-weight --backbone model).")
+    ] = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Exported artifacts for onnxruntime / TensorRT (default: export for this run)."
+        ),
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone of the random-weight model.")] = "tiny",
+    backends: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated backends (default: every one available here)."),
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    image_size: Annotated[
+        int | None, typer.Option(help="Network input side (default: the model's, else 224).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed iterations per backend and batch.")] = 2,
+    iters: Annotated[int, typer.Option(help="Most timed iterations per backend and batch.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Groups of timed iterations (min/median/max).")] = 5,
+    max_seconds: Annotated[
+        float,
+        typer.Option(
+            help="Stop timing a backend and batch after this long (>= 3 iters); 0: no cap."
+        ),
+    ] = 8.0,
+    preprocess: Annotated[
+        str,
+        typer.Option(help="Preprocess on cpu (PIL), gpu (torch) or auto (gpu for CUDA backends)."),
+    ] = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default: benchmarks/results/<device>-<date>/...)."),
+    ] = None,
+) -> None:
+    """Time every backend end to end and per stage against eager fp32; write JSON, MD, plot."""
+    from fbclip_edge.bench.harness import BenchConfig, parse_backends, parse_batches, run_bench
+    from fbclip_edge.bench.report import default_out_dir, terminal_report, write_results
+
+    config = BenchConfig(
+        model=model,
+        artifacts=artifacts,
+        backbone=backbone,
+        image_size=image_size,
+        backends=parse_backends(backends),
+        batches=parse_batches(batch),
+        warmup=warmup,
+        iters=iters,
+        repeats=repeats,
+        max_seconds=max_seconds or None,
+        preprocess=preprocess,
+    )
+    with console.status("benchmarking") as status:
+        results = run_bench(config, log=lambda message: status.update(message))
+    console.print(terminal_report(results, console.width))
+    files = write_results(results, out or default_out_dir(results))
+    console.print(f"wrote {files.json}, {files.markdown}, {files.plot}")

@@ -136,6 +136,10 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: unused-initializer notes are noise
+        # Idle worker threads would otherwise spin after each run and slow the torch map
+        # stage that follows on the same cores (measured: 15.9 ms vs 9.1 ms on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         chain = _provider_list(
             provider, device_id, spec, manifest, manifest.files.get(spec.file, spec.file)
         )
