@@ -134,10 +134,18 @@ class Detector:
     def open(
         cls, artifacts: str | Path, backend: str = "auto", device: str | None = None, **options: Any
     ) -> Detector:
-        """Open an artifacts folder (see `fbclip-edge export`) with its stored calibration."""
+        """Open an artifacts folder (see `fbclip-edge export`) with its stored calibration.
+
+        A TensorRT backend captures a CUDA graph at batch 1 (the camera case) unless
+        `cuda_graph` is given.
+        """
         from fbclip_edge.runtime import open as open_backend
 
         runtime = open_backend(artifacts, backend=backend, device=device, **options)
+        capture = getattr(runtime, "enable_cuda_graph", None)
+        low, _ = getattr(runtime, "batch_range", None) or (1, 1)
+        if capture is not None and "cuda_graph" not in options and low <= 1:
+            capture(1)
         return cls(runtime, thresholds_from_artifacts(artifacts))
 
     @property

@@ -117,3 +117,34 @@ def test_stream_soak_2000_frames_stable_memory(detector, capsys):
         print(f"\nstream soak: {count} frames, RSS {start / 1024:.1f} MiB -> {end / 1024:.1f} MiB")
     assert count == 2000
     assert end - start < 64 * 1024  # KiB: growth under 64 MiB over 2,000 frames
+
+
+def test_open_captures_a_batch_1_cuda_graph_where_the_backend_allows(tmp_path, monkeypatch):
+    """Detector.open asks a graph-capable backend (TensorRT) for a batch-1 CUDA graph, uses
+    the stored calibration, and leaves other backends alone."""
+    import json
+
+    import fbclip_edge.runtime as runtime
+    from fbclip_edge.calibrate import calibrate_scores, write_calibration
+
+    captured = []
+
+    class GraphBackend(TorchBackend):
+        batch_range = (1, 8)
+
+        def enable_cuda_graph(self, batch):
+            captured.append(batch)
+
+    model = create_model("tiny", image_size=56, seed=0)
+    monkeypatch.setattr(runtime, "open", lambda *a, **k: GraphBackend(model, device="cpu"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    write_calibration(tmp_path, calibrate_scores(np.linspace(0, 1, 20), [np.zeros((2, 2))], 0.1))
+    detector = Detector.open(tmp_path, backend="tensorrt")
+    assert captured == [1]
+    # n = 20, target 0.1: k = ceil(21 * 0.9) = 19 -> the 19th of linspace(0, 1, 20) = 18 / 19
+    assert detector.thresholds.calibrated and detector.thresholds.image == pytest.approx(18 / 19)
+    Detector.open(tmp_path, backend="tensorrt", cuda_graph=False)
+    assert captured == [1]  # an explicit choice wins
+    monkeypatch.setattr(runtime, "open", lambda *a, **k: TorchBackend(model, device="cpu"))
+    assert Detector.open(tmp_path).thresholds.calibrated
+    assert captured == [1]  # no capture hook on this backend: nothing asked

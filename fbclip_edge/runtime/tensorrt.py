@@ -199,9 +199,12 @@ class TensorRTBackend(Backend):
             },
         )
         if cuda_graph:
-            batch = spec.batch.opt if cuda_graph is True else int(cuda_graph)
-            self.engine.capture(batch)
-            self.info.details["cuda_graph"] = f"batch {batch}"
+            self.enable_cuda_graph(spec.batch.opt if cuda_graph is True else int(cuda_graph))
+
+    def enable_cuda_graph(self, batch: int) -> None:
+        """Capture a CUDA graph at `batch`: calls of that batch replay it (one launch)."""
+        self.engine.capture(batch)
+        self.info.details["cuda_graph"] = f"batch {batch}"
 
     @property
     def input_device(self) -> torch.device:
