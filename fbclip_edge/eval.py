@@ -365,16 +365,9 @@ def open_backend(config: EvalConfig) -> Backend:
             raise FBClipError(f"--precision {precision} is not fp32 or fp16 for the torch backend")
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return TorchBackend(load(config.model, device), device, precision)
-    try:
-        from fbclip_edge.runtime import open as runtime_open
-    except ImportError as error:
-        raise FBClipError(
-            f"cannot open exported artifacts here ({error}); export the model with "
-            "`fbclip-edge export` on an install that has it, or evaluate the model folder "
-            "with --model DIR --backend torch"
-        ) from None
-    opener = getattr(runtime_open, "open", runtime_open)  # the function, or its module
-    return opener(
+    from fbclip_edge.runtime import open as open_artifacts
+
+    return open_artifacts(
         config.artifacts,
         backend=config.backend,
         provider=config.provider,
