@@ -95,3 +95,15 @@ def test_pretrained_tag_offline_fails_with_the_other_two_ways():
     last = done.stderr.strip().splitlines()[-1]
     assert "could not get pretrained weights 'openai' for ViT-B-32" in last
     assert "--clip-weights" in last and "OpenAI layout" in last
+
+
+def test_bad_pixel_tensors_are_refused_before_the_vit():
+    model = create_model("tiny", image_size=224)
+    with pytest.raises(FBClipError, match="multiple of the patch size 14"):
+        model(torch.zeros(1, 3, 230, 230))
+    with pytest.raises(FBClipError, match="must be square"):
+        model(torch.zeros(1, 3, 224, 210))
+    with pytest.raises(FBClipError, match="normalized floats"):
+        model(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    with pytest.raises(FBClipError, match=r"\(B, 3, S, S\)"):
+        model(torch.zeros(3, 224, 224))

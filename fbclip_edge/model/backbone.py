@@ -124,6 +124,26 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid * grid, -1)], dim=0)
 
 
+def check_pixels(pixel_values: torch.Tensor, patch: int) -> None:
+    """Refuse input the ViT would silently crop or misread, naming the fix."""
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise FBClipError(
+            f"pixel_values must be (B, 3, S, S), got {tuple(pixel_values.shape)}; "
+            "use fbclip_edge.preprocess(frames, image_size)"
+        )
+    if not pixel_values.is_floating_point():
+        raise FBClipError(
+            f"pixel_values must be normalized floats, got {pixel_values.dtype}; "
+            "use fbclip_edge.preprocess(frames, image_size)"
+        )
+    height, width = int(pixel_values.shape[2]), int(pixel_values.shape[3])
+    if height != width or height % patch:
+        raise FBClipError(
+            f"image {height}x{width} must be square with a side that is a multiple of the "
+            f"patch size {patch}; use fbclip_edge.preprocess(frames, image_size)"
+        )
+
+
 def encode_layers(
     visual: nn.Module, pixel_values: torch.Tensor, layers: tuple[int, ...]
 ) -> list[torch.Tensor]:
@@ -131,6 +151,7 @@ def encode_layers(
 
     Blocks past the last chosen layer are skipped.
     """
+    check_pixels(pixel_values, int(visual.conv1.kernel_size[0]))
     x = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))
     batch, width, grid = x.shape[0], x.shape[1], x.shape[-1]
     x = x.reshape(batch, width, grid * grid).permute(0, 2, 1)
