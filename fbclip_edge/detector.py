@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.kernels import anomaly_map
-from fbclip_edge.preprocess import normalize, preprocess, to_rgb_uint8
+from fbclip_edge.preprocess import preprocess, preprocess_tensor, to_rgb_uint8
 from fbclip_edge.runtime.base import Backend
 
 _DONE = object()  # end-of-stream marker from the preprocessing worker
@@ -83,40 +82,42 @@ def _tensor_to_rgb(frame: torch.Tensor) -> torch.Tensor:
     return frame[..., :3].expand(-1, -1, 3) if frame.shape[-1] == 1 else frame[..., :3]
 
 
-def preprocess_on_device(
+def preprocess_frames(
     frames: list[Frame], image_size: int, device: torch.device
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Frames -> normalized (B, 3, S, S) on `device`, plus each frame's (H, W).
 
-    On CPU this is `fbclip_edge.preprocess` (PIL bicubic, as the reference). On a GPU the
-    uint8 frames are uploaded and resized there (torch bicubic with antialias), which
-    avoids a host-side resize per frame.
+    For a CPU backend this is `fbclip_edge.preprocess` (PIL bicubic, as the reference);
+    for a GPU backend the uint8 frames are uploaded and resized there.
     """
     if device.type == "cpu":
-        arrays = [
-            to_rgb_uint8(f) if not isinstance(f, torch.Tensor) else _tensor_to_rgb(f).numpy()
-            for f in frames
-        ]
-        return preprocess(arrays, image_size), [a.shape[:2] for a in arrays]
+        return preprocess_on_host(frames, image_size)
+    return preprocess_on_device(frames, image_size, device)
+
+
+def preprocess_on_host(
+    frames: list[Frame], image_size: int
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The reference path: PIL bicubic on the host (GPU tensors are copied back first)."""
+    arrays = [
+        _tensor_to_rgb(f).cpu().numpy() if isinstance(f, torch.Tensor) else to_rgb_uint8(f)
+        for f in frames
+    ]
+    return preprocess(arrays, image_size), [a.shape[:2] for a in arrays]
+
+
+def preprocess_on_device(
+    frames: list[Frame], image_size: int, device: torch.device
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """uint8 frames uploaded as they are, resized and normalized on `device`
+    (torch bicubic with antialias: close to PIL, and no host-side resize per frame)."""
     batch, sizes = [], []
     for frame in frames:
-        rgb = (
-            _tensor_to_rgb(frame)
-            if isinstance(frame, torch.Tensor)
-            else torch.from_numpy(to_rgb_uint8(frame))
-        )
-        rgb = rgb.to(device, non_blocking=True).permute(2, 0, 1)[None].float()
-        sizes.append((rgb.shape[-2], rgb.shape[-1]))
-        if rgb.shape[-1] != image_size or rgb.shape[-2] != image_size:
-            rgb = F.interpolate(
-                rgb,
-                size=(image_size, image_size),
-                mode="bicubic",
-                align_corners=False,
-                antialias=True,
-            )
-        batch.append(rgb.clamp(0, 255))
-    return normalize(torch.cat(batch) / 255.0), sizes
+        rgb = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(to_rgb_uint8(frame))
+        rgb = _tensor_to_rgb(rgb).to(device, non_blocking=True)
+        sizes.append((int(rgb.shape[0]), int(rgb.shape[1])))
+        batch.append(preprocess_tensor(rgb[None], image_size))
+    return torch.cat(batch), sizes
 
 
 class Detector:
@@ -172,7 +173,7 @@ class Detector:
     def predict(self, frames: Frame | Sequence[Frame]) -> list[Detection]:
         """One frame or a batch -> one Detection per frame (always a list)."""
         batch = split_frames(frames)
-        pixels, sizes = preprocess_on_device(batch, self.image_size, self.device)
+        pixels, sizes = preprocess_frames(batch, self.image_size, self.device)
         return self._infer(pixels, sizes)
 
     def _produce(
@@ -190,10 +191,10 @@ class Detector:
                     return
                 chunk.append(frame)
                 if len(chunk) == batch_size:
-                    ready.put(preprocess_on_device(chunk, self.image_size, self.device))
+                    ready.put(preprocess_frames(chunk, self.image_size, self.device))
                     chunk = []
             if chunk:
-                ready.put(preprocess_on_device(chunk, self.image_size, self.device))
+                ready.put(preprocess_frames(chunk, self.image_size, self.device))
         except BaseException as error:  # raised again in the consumer
             ready.put(error)
         finally:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from fbclip_edge.errors import FBClipError
@@ -77,3 +78,22 @@ def preprocess(images: ImageLike | Sequence[ImageLike], image_size: int = 518) -
     resized = [resize_rgb(to_rgb_uint8(frame), image_size) for frame in frames]
     batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     return normalize(batch)
+
+
+def preprocess_tensor(frames: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) tensor, on any device -> normalized float32 (B, 3, S, S) there.
+
+    torch bicubic with antialias, rounded to 8 bits as PIL does: close to, not bit-equal
+    with, `preprocess`; on a GPU it avoids a host-side resize per frame.
+    """
+    pixels = frames.permute(0, 3, 1, 2).float()
+    if pixels.shape[-2:] != (image_size, image_size):
+        pixels = F.interpolate(
+            pixels,
+            size=(image_size, image_size),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
+        )
+        pixels = pixels.round_().clamp_(0, 255)
+    return normalize(pixels / 255.0)

@@ -9,7 +9,6 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -60,8 +59,16 @@ def short_config(**overrides) -> BenchConfig:
 def fused_torch_backend(name: str, model) -> BenchBackend:
     """A backend whose run() does network and scoring in one call, like onnxruntime's."""
     backend = TorchBackend(model, device="cpu")
-    return BenchBackend(name, torch.device("cpu"), "fp32", backend.run, None, "auto", 0.0,
-                        {"runtime": "torch (test stand-in)"})
+    return BenchBackend(
+        name,
+        torch.device("cpu"),
+        "fp32",
+        backend.run,
+        None,
+        "auto",
+        0.0,
+        {"runtime": "torch (test stand-in)"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +79,9 @@ def run(tmp_path_factory):
     real_reason = bench_backends.skip_reason
 
     def build(name, model, artifacts):
-        return fused_torch_backend(name, model) if name == FAKE else real_build(
-            name, model, artifacts)
+        return (
+            fused_torch_backend(name, model) if name == FAKE else real_build(name, model, artifacts)
+        )
 
     patch.setattr(harness, "_build", build)
     patch.setattr(harness, "skip_reason", lambda n: None if n == FAKE else real_reason(n))
@@ -90,8 +98,11 @@ def documented_fields() -> list[str]:
     """Field paths listed in the schema block of benchmarks/README.md."""
     text = README.read_text()
     block = text.split("<!-- schema:start -->")[1].split("<!-- schema:end -->")[0]
-    return [line.split()[0] for line in block.splitlines()
-            if line.strip() and not line.startswith("```")]
+    return [
+        line.split()[0]
+        for line in block.splitlines()
+        if line.strip() and not line.startswith("```")
+    ]
 
 
 def lookup(data, path: str) -> list:
@@ -154,8 +165,7 @@ def test_speedup_is_against_eager_fp32_of_the_same_run(run):
         assert base is not None and other is not None
         assert base.speedup == pytest.approx(1.0)
         assert other.speedup == pytest.approx(other.pipeline.throughput / base.pipeline.throughput)
-        assert other.model_speedup == pytest.approx(
-            other.model_throughput / base.model_throughput)
+        assert other.model_speedup == pytest.approx(other.model_throughput / base.model_throughput)
 
 
 def test_stages_and_derived_numbers(run):
@@ -192,8 +202,9 @@ def test_real_onnxruntime_export_against_eager():
     reason = bench_backends.skip_reason("onnxruntime-cpu")
     if reason:
         pytest.skip(reason)
-    results = run_bench(short_config(backends=("onnxruntime-cpu",), iters=2, warmup=1,
-                                     measure_ceiling=False))
+    results = run_bench(
+        short_config(backends=("onnxruntime-cpu",), iters=2, warmup=1, measure_ceiling=False)
+    )
     status = {b.name: (b.status, b.reason) for b in results.backends}
     assert status == {BASELINE: ("ok", None), "onnxruntime-cpu": ("ok", None)}
     ort = next(b for b in results.backends if b.name == "onnxruntime-cpu")
@@ -211,8 +222,9 @@ def test_failed_backend_is_reported_not_dropped(monkeypatch, tmp_path):
         raise RuntimeError("provider crashed\nsecond line")
 
     monkeypatch.setattr(harness, "_build", broken)
-    results = run_bench(short_config(batches=(1,), iters=1, measure_ceiling=False,
-                                     backends=(BASELINE,)))
+    results = run_bench(
+        short_config(batches=(1,), iters=1, measure_ceiling=False, backends=(BASELINE,))
+    )
     (backend,) = results.backends
     assert backend.status == "failed"
     assert backend.reason == "RuntimeError: provider crashed"
@@ -249,11 +261,32 @@ def test_stage_stats_percentiles_and_repeat_spread():
 def test_add_speedups_uses_same_batch_baseline():
     def row(name, batch, ms):
         stats = stage_stats([ms], batch, 1)
-        return harness.Measurement(name, batch, stats, {}, ms, stats.throughput, None, None,
-                                   0.0, None, None, None, None, None, "process", 0.0)
+        return harness.Measurement(
+            name,
+            batch,
+            stats,
+            {},
+            ms,
+            stats.throughput,
+            None,
+            None,
+            0.0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            "process",
+            0.0,
+        )
 
-    rows = [row(BASELINE, 1, 10.0), row(BASELINE, 8, 40.0), row("x", 1, 5.0), row("x", 8, 10.0),
-            row("y", 32, 1.0)]
+    rows = [
+        row(BASELINE, 1, 10.0),
+        row(BASELINE, 8, 40.0),
+        row("x", 1, 5.0),
+        row("x", 8, 10.0),
+        row("y", 32, 1.0),
+    ]
     harness.add_speedups(rows)
     assert [r.speedup for r in rows[:4]] == pytest.approx([1.0, 1.0, 2.0, 4.0])
     assert rows[4].speedup is None
@@ -277,8 +310,9 @@ def test_tegrastats_power_parsing():
 
 def test_power_sampler_reads_a_tegrastats_stream(tmp_path, monkeypatch):
     fake = tmp_path / "tegrastats"
-    fake.write_text("#!/bin/sh\nwhile true; do echo 'RAM 1/2MB VDD_IN 4000mW/4000mW'; "
-                    "sleep 0.05; done\n")
+    fake.write_text(
+        "#!/bin/sh\nwhile true; do echo 'RAM 1/2MB VDD_IN 4000mW/4000mW'; sleep 0.05; done\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     start = time.perf_counter()
@@ -299,19 +333,6 @@ def test_other_cpu_share_subtracts_this_process():
     end = CpuSnapshot(wall=1.0, machine_busy=10.0 + cores * 0.5 + 0.2, process=1.2)
     assert other_cpu_share(start, end) == pytest.approx(0.5)
     assert other_cpu_share(start, None) is None
-
-
-def test_device_side_preprocess_is_close_to_pil():
-    """The GPU preprocess path (run here on CPU tensors) matches PIL to a few grey levels."""
-    from fbclip_edge.preprocess import preprocess
-
-    frames = np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8)
-    frames[:, 10:30, 20:40] = 200  # structure, so resampling differences would show
-    device_side = harness.gpu_preprocess(torch.from_numpy(frames), 28, torch.device("cpu"))
-    reference = preprocess(frames, 28)
-    assert device_side.shape == reference.shape == (2, 3, 28, 28)
-    grey_level = 1 / 255 / 0.27  # one 8-bit step after normalization
-    assert (device_side - reference).abs().mean() < 3 * grey_level
 
 
 def test_cli_argument_parsing():

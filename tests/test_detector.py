@@ -148,3 +148,16 @@ def test_open_captures_a_batch_1_cuda_graph_where_the_backend_allows(tmp_path, m
     monkeypatch.setattr(runtime, "open", lambda *a, **k: TorchBackend(model, device="cpu"))
     assert Detector.open(tmp_path).thresholds.calibrated
     assert captured == [1]  # no capture hook on this backend: nothing asked
+
+
+def test_device_side_preprocessing_matches_the_host_path():
+    """The GPU path (resize on the backend's device), run on CPU tensors, agrees with the
+    PIL reference to a few grey levels and keeps every frame's size."""
+    from fbclip_edge.detector import preprocess_on_device, preprocess_on_host
+
+    frames = [_rgb(30, 44), torch.from_numpy(_rgb(64, 20, seed=1)), _rgb(56, 56, seed=2)[..., 0]]
+    device_side, sizes = preprocess_on_device(frames, 56, torch.device("cpu"))
+    host_side, host_sizes = preprocess_on_host(frames, 56)
+    assert sizes == host_sizes == [(30, 44), (64, 20), (56, 56)]
+    assert device_side.shape == host_side.shape == (3, 3, 56, 56)
+    assert (device_side - host_side).abs().mean() < 3 / 255 / 0.27

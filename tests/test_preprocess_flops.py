@@ -65,3 +65,18 @@ def test_vit_l_14_336_at_518_flops_split():
     # Backbone: 24 blocks of 1370 tokens at width 1024 dominate; heads are the 15 FB views.
     assert 1.0e12 < count.backbone < 1.03e12
     assert 3.7e11 < count.heads < 3.9e11
+
+
+def test_device_side_preprocess_is_close_to_pil():
+    """The GPU preprocess path (run here on CPU tensors) matches PIL to a few grey levels."""
+    from fbclip_edge.preprocess import preprocess_tensor
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8)
+    frames[:, 10:30, 20:40] = 200  # structure, so resampling differences would show
+    device_side = preprocess_tensor(torch.from_numpy(frames), 28)
+    reference = preprocess(frames, 28)
+    assert device_side.shape == reference.shape == (2, 3, 28, 28)
+    grey_level = 1 / 255 / 0.27  # one 8-bit step after normalization
+    assert (device_side - reference).abs().mean() < 3 * grey_level
+    same_size = preprocess_tensor(torch.from_numpy(frames[:, :28, :28]), 28)
+    assert torch.allclose(same_size, preprocess(list(frames[:, :28, :28]), 28), atol=1e-6)

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fbclip_edge.bench.backends import (
     ALL_BACKENDS,
@@ -48,7 +47,7 @@ from fbclip_edge.bench.device import (
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.kernels import anomaly_map
 from fbclip_edge.model.flops import forward_flops
-from fbclip_edge.preprocess import normalize, preprocess
+from fbclip_edge.preprocess import preprocess, preprocess_tensor
 
 SCHEMA_VERSION = 1
 STAGES = ("preprocess", "network", "scoring", "map")
@@ -310,15 +309,6 @@ def make_frames(config: BenchConfig, batch: int) -> list[np.ndarray]:
     ]
 
 
-def gpu_preprocess(frames: torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) host frames -> normalized float32 on device: torch bicubic resize
-    with antialias (close to, not bit-equal with, PIL's) then rounding to 8-bit like PIL."""
-    pixels = frames.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bicubic",
-                           antialias=True, align_corners=False)
-    return normalize(pixels.round_().clamp_(0, 255) / 255.0)
-
-
 def _preprocessor(
     kind: str, image_size: int, device: torch.device
 ) -> tuple[str, Callable[[Any], torch.Tensor], Callable[[np.ndarray], Any]]:
@@ -331,7 +321,11 @@ def _preprocessor(
         def hold(frames: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(frames).pin_memory()
 
-        return "gpu", lambda frames: gpu_preprocess(frames, image_size, device), hold
+        return (
+            "gpu",
+            lambda frames: preprocess_tensor(frames.to(device, non_blocking=True), image_size),
+            hold,
+        )
     return "cpu", lambda frames: preprocess(frames, image_size), lambda frames: frames
 
 
@@ -416,7 +410,10 @@ def _out_of_time(config: BenchConfig, done: int, elapsed: float) -> bool:
 
 
 def measure(
-    backend: BenchBackend, batch: int, config: BenchConfig, image_size: int,
+    backend: BenchBackend,
+    batch: int,
+    config: BenchConfig,
+    image_size: int,
     power: PowerSampler,
 ) -> tuple[Measurement, str]:
     """Warm up, then time `config.iters` iterations of one backend at one batch size."""
@@ -499,8 +496,10 @@ def _model_from_artifacts(artifacts: Path, seed: int) -> tuple[Any, str]:
     torch.manual_seed(seed)
     config = FBCLIPConfig.from_dict(manifest.model.config)
     config = dataclasses.replace(config, image_size=manifest.image_size)
-    source = (f"{manifest.model.backbone} architecture of {artifacts}, random weights "
-              f"(seed {seed}) for the torch backends")
+    source = (
+        f"{manifest.model.backbone} architecture of {artifacts}, random weights "
+        f"(seed {seed}) for the torch backends"
+    )
     return FBCLIP(config).eval(), source
 
 
@@ -553,8 +552,7 @@ def _select_backends(config: BenchConfig) -> tuple[list[str], dict[str, str], li
 
 
 def _device_for(name: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and name in TORCH_BACKENDS
-                        else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and name in TORCH_BACKENDS else "cpu")
 
 
 class _Artifacts:
@@ -585,9 +583,11 @@ class _Artifacts:
         if self.export_seconds is None:
             return None
         plan = self.plan
-        return (f"exported for this run: {plan.precision}, targets {plan.targets}, batch "
-                f"profile {plan.batch_profile}, kernel scoring; took {self.export_seconds:.1f} s "
-                "(not part of any timing)")
+        return (
+            f"exported for this run: {plan.precision}, targets {plan.targets}, batch "
+            f"profile {plan.batch_profile}, kernel scoring; took {self.export_seconds:.1f} s "
+            "(not part of any timing)"
+        )
 
 
 def _build(name: str, model: Any, artifacts: _Artifacts) -> BenchBackend:
@@ -644,8 +644,9 @@ class _Run:
         for batch in self.config.batches:
             self.say(f"{name}: batch {batch}")
             try:
-                row, kind = measure(backend, batch, self.config,
-                                    self.model.config.image_size, self.power)
+                row, kind = measure(
+                    backend, batch, self.config, self.model.config.image_size, self.power
+                )
             except Exception as error:  # e.g. out of memory at the largest batch
                 result.batch_failures[str(batch)] = _one_line(error)
                 self.say(f"{name}: batch {batch} failed ({_one_line(error)})")
@@ -763,8 +764,10 @@ def _standard_notes(preprocess_kinds: set[str]) -> list[str]:
     if "cpu" in preprocess_kinds:
         notes.append("preprocess cpu: PIL bicubic resize + normalize (the reference path)")
     if "gpu" in preprocess_kinds:
-        notes.append("preprocess gpu: torch bicubic resize with antialias on the GPU; close to "
-                     "but not bit-equal with PIL's")
+        notes.append(
+            "preprocess gpu: torch bicubic resize with antialias on the GPU; close to "
+            "but not bit-equal with PIL's"
+        )
     return notes
 
 
@@ -779,9 +782,11 @@ def _contention_notes(measurements: list[Measurement]) -> list[str]:
     worst, row = max(shares, key=lambda pair: pair[0])
     if worst < CONTENTION_WARNING:
         return [f"other processes used at most {worst:.0%} of the CPU while timing"]
-    return [f"CONTENTION: other processes used up to {worst:.0%} of the CPU while timing "
-            f"({row.backend}, batch {row.batch}); those numbers are slower and noisier than "
-            "on a quiet machine: compare rows with the 'other CPU' column in mind"]
+    return [
+        f"CONTENTION: other processes used up to {worst:.0%} of the CPU while timing "
+        f"({row.backend}, batch {row.batch}); those numbers are slower and noisier than "
+        "on a quiet machine: compare rows with the 'other CPU' column in mind"
+    ]
 
 
 def _config_dict(config: BenchConfig) -> dict[str, Any]:
