@@ -9,12 +9,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fbclip_edge.errors import FBClipError
+
+if TYPE_CHECKING:
+    from fbclip_edge.export.manifest import Manifest
 
 
 @dataclass
@@ -98,6 +102,15 @@ class MapScorer:
         self.map_weights = map_weights.float()
         self.temperature = float(temperature)
 
+    @classmethod
+    def for_artifacts(cls, artifacts: Path, manifest: Manifest) -> MapScorer | None:
+        """The scorer an export with kernel scoring needs; None when the graph scores itself."""
+        if manifest.scoring.value != "kernel":
+            return None
+        text = torch.from_numpy(np.load(artifacts / manifest.text_features))
+        weights = torch.from_numpy(np.load(artifacts / manifest.map_weights))
+        return cls(text, weights, manifest.temperature)
+
     def __call__(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores on the maps' device; Triton there when it is CUDA and Triton imports."""
         from fbclip_edge.kernels import score_maps
@@ -142,5 +155,5 @@ class TorchBackend(Backend):
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         ):
             maps = self.model.encode_maps(pixels)
-        output = self.model.score(maps)
+        output = self.model.score(maps, impl=self.scoring_impl)
         return output.image_score.float(), output.patch_map.float()

@@ -162,11 +162,7 @@ class OnnxRuntimeBackend(Backend):
         self.spec, self.provider = spec, provider
         self.run_batch = run_batch_limit(manifest, provider, self.device)
         self.batch_range = (manifest.batch.min, manifest.batch.max)
-        self.scorer = None
-        if manifest.scoring == Scoring.KERNEL:
-            text = torch.from_numpy(np.load(artifacts / manifest.text_features))
-            weights = torch.from_numpy(np.load(artifacts / manifest.map_weights))
-            self.scorer = MapScorer(text, weights, manifest.temperature)
+        self.scorer = MapScorer.for_artifacts(artifacts, manifest)
         self.info = BackendInfo(
             "onnxruntime",
             str(self.device),

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fbclip_edge.errors import FBClipError
@@ -20,7 +19,6 @@ from fbclip_edge.export.manifest import (
     export_command,
     verify_files,
 )
-from fbclip_edge.export.options import Scoring
 from fbclip_edge.export.tensorrt import compute_capability, import_tensorrt, make_logger
 from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer
 
@@ -179,11 +177,7 @@ class TensorRTBackend(Backend):
                 f"{spec.batch}: the engine belongs to another export; re-export the folder"
             )
         self.batch_range = self.engine.batch_range
-        self.scorer = None
-        if manifest.scoring == Scoring.KERNEL:
-            text = torch.from_numpy(np.load(artifacts / manifest.text_features))
-            weights = torch.from_numpy(np.load(artifacts / manifest.map_weights))
-            self.scorer = MapScorer(text, weights, manifest.temperature)
+        self.scorer = MapScorer.for_artifacts(artifacts, manifest)
         self.info = BackendInfo(
             "tensorrt",
             str(self.device),
