@@ -14,7 +14,18 @@ from fbclip_edge.bench import (
     run_kernel_bench,
     write_kernel_bench,
 )
-from fbclip_edge.bench.kernels import copy_bandwidth, map_bytes, markdown, score_bytes, time_ms
+from fbclip_edge.bench.kernels import (
+    FUSION_WORTH,
+    copy_bandwidth,
+    map_bytes,
+    markdown,
+    projection_fusion_bound,
+    score_bytes,
+    time_ms,
+)
+from fbclip_edge.model.backbone import backbone_config
+from fbclip_edge.model.config import FBCLIPConfig
+from fbclip_edge.model.flops import forward_flops
 
 TINY = BenchShape("tiny", maps=2, tokens=17, dim=8, image=12)
 
@@ -50,6 +61,33 @@ def test_byte_accounting_for_the_issue_shape():
     assert score_bytes(8, FULL, 2) == maps + 2 * 768 * 2 + 15 * 4 + 8 * 1370 * 4
     assert map_bytes(8, FULL) == 8 * (37 * 37 + 518 * 518) * 4
     assert FULL.grid == 37 and REDUCED.grid == 8
+
+
+def test_projection_fusion_bound_arithmetic():
+    # the issue's deployment: 15 maps of 1370 tokens x 768 dims in fp16, written and re-read
+    bound = projection_fusion_bound(copy_gbps=3000.0, matmul_tflops=800.0, itemsize=2)
+    assert bound.bytes_saved == 2 * 15 * 1370 * 768 * 2
+    assert bound.saved_us == pytest.approx(bound.bytes_saved / 3000e9 * 1e6)
+    flops = forward_flops(FBCLIPConfig(backbone=backbone_config("ViT-L-14-336"))).total
+    assert bound.network_gflop == pytest.approx(flops / 1e9)
+    assert bound.network_floor_us == pytest.approx(flops / 800e12 * 1e6)
+    assert bound.share == pytest.approx(bound.saved_us / bound.network_floor_us)
+    assert bound.model == "ViT-L-14-336 @ 518" and not bound.worth_fusing
+    # a device with a matmul rate far above its bandwidth would make fusion worth it
+    lopsided = projection_fusion_bound(copy_gbps=100.0, matmul_tflops=800.0, itemsize=2)
+    assert lopsided.share >= FUSION_WORTH and lopsided.worth_fusing
+
+
+def test_report_carries_fusion_bound(tiny_report, tmp_path):
+    bound = tiny_report.projection_fusion
+    assert bound is not None and bound.matmul_tflops > 0
+    assert bound.saved_us == pytest.approx(bound.bytes_saved / (tiny_report.copy_gbps * 1e3))
+    assert bound.bytes_saved == 2 * 15 * 1370 * 768 * 4  # float32 maps on CPU
+    json_path, md_path = write_kernel_bench(tiny_report, tmp_path)
+    data = json.loads(json_path.read_text())["projection_fusion"]
+    assert data["share"] == pytest.approx(bound.share)
+    assert data["worth_fusing"] is bound.worth_fusing
+    assert f"at most {bound.share:.2%}" in md_path.read_text()
 
 
 def test_shape_needs_square_grid():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fbclip_edge.bench.device import measure_matmul_ceiling
 from fbclip_edge.kernels import (
     anomaly_map,
     anomaly_map_torch,
@@ -27,6 +28,7 @@ from fbclip_edge.kernels import (
 
 TARGET_COPY_SHARE = 0.70  # issue target for score_maps at batch 1 on an H100
 TARGET_SPEEDUP = 5.0
+FUSION_WORTH = 0.05  # fuse the projection into score_maps only if it could save >= 5% latency
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,61 @@ class KernelCase:
 
 
 @dataclass(frozen=True)
+class ProjectionFusionBound:
+    """The most that fusing the Dv -> D projection GEMM into score_maps could save, per image.
+
+    Fusion keeps the projected maps (M x T x D) out of memory: their write and re-read go
+    away, the GEMM's FLOPs stay. The saving is at most those bytes at the measured copy
+    bandwidth; the network takes at least its analytic FLOPs at the measured matmul rate. Their
+    ratio bounds the latency gain from above (the network never reaches the ceiling).
+    """
+
+    model: str
+    bytes_saved: int
+    saved_us: float
+    network_gflop: float
+    matmul_tflops: float
+    network_floor_us: float
+
+    @property
+    def share(self) -> float:
+        """Upper bound on the fraction of the network's time that fusion could remove."""
+        return self.saved_us / self.network_floor_us
+
+    @property
+    def worth_fusing(self) -> bool:
+        """Whether the bound reaches FUSION_WORTH of the latency (the issue's 'if the numbers
+        justify it')."""
+        return self.share >= FUSION_WORTH
+
+
+def projection_fusion_bound(
+    copy_gbps: float,
+    matmul_tflops: float,
+    itemsize: int,
+    backbone: str = "ViT-L-14-336",
+    image_size: int = 518,
+) -> ProjectionFusionBound:
+    """ProjectionFusionBound for one model at one resolution, from measured device rates."""
+    from fbclip_edge.model.backbone import backbone_config
+    from fbclip_edge.model.config import FBCLIPConfig
+    from fbclip_edge.model.flops import forward_flops
+
+    config = FBCLIPConfig(backbone=backbone_config(backbone), image_size=image_size)
+    tokens = (image_size // config.backbone.patch_size) ** 2 + 1
+    projected = config.num_maps * tokens * config.backbone.embed_dim * itemsize
+    flops = forward_flops(config).total
+    return ProjectionFusionBound(
+        model=f"{backbone} @ {image_size}",
+        bytes_saved=2 * projected,
+        saved_us=2 * projected / (copy_gbps * 1e9) * 1e6,
+        network_gflop=flops / 1e9,
+        matmul_tflops=matmul_tflops,
+        network_floor_us=flops / (matmul_tflops * 1e12) * 1e6,
+    )
+
+
+@dataclass(frozen=True)
 class KernelBenchReport:
     """A whole run: where it ran, the copy-bandwidth yardstick, and every case."""
 
@@ -82,6 +139,7 @@ class KernelBenchReport:
     iters: int
     flush_l2: bool
     cases: list[KernelCase] = field(default_factory=list)
+    projection_fusion: ProjectionFusionBound | None = None
 
     def target_met(self) -> bool | None:
         """Issue target (score_maps, batch 1): >= 70% of copy bandwidth and >= 5x over torch.
@@ -94,8 +152,12 @@ class KernelBenchReport:
         return first[0].copy_share >= TARGET_COPY_SHARE and first[0].speedup >= TARGET_SPEEDUP
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-ready dict, with the target verdict."""
-        return {**asdict(self), "target_met": self.target_met()}
+        """JSON-ready dict, with the target verdict and the fusion bound's derived fields."""
+        data = {**asdict(self), "target_met": self.target_met()}
+        if self.projection_fusion is not None:
+            bound = self.projection_fusion
+            data["projection_fusion"] |= {"share": bound.share, "worth_fusing": bound.worth_fusing}
+        return data
 
 
 def score_bytes(batch: int, shape: BenchShape, itemsize: int) -> int:
@@ -201,6 +263,8 @@ def run_kernel_bench(
     copy_bytes = _copy_size(dev)
     copy_gbps = copy_bandwidth(dev, copy_bytes)
     flush = _flush_buffer(dev, flush_l2)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    matmul = measure_matmul_ceiling(dev, dtype)
     report = KernelBenchReport(
         device_name(dev),
         dev.type,
@@ -212,6 +276,7 @@ def run_kernel_bench(
         copy_bytes,
         iters,
         flush is not None,
+        projection_fusion=projection_fusion_bound(copy_gbps, matmul.tflops, itemsize),
     )
     gen = torch.Generator(device=dev).manual_seed(0)
     timing = _Timing(dev, iters, warmup, flush, copy_gbps, info.impl)
@@ -316,7 +381,31 @@ def markdown(report: KernelBenchReport) -> str:
             f"{c.fused_ms * 1e3:.1f} | {c.gbps:.1f} | {c.copy_share:.0%} | "
             f"{c.torch_ms * 1e3:.1f} | {c.speedup:.2f}x |"
         )
+    if report.projection_fusion is not None:
+        lines += ["", *_fusion_lines(report.projection_fusion, report.dtype)]
     return "\n".join(lines) + "\n"
+
+
+def _duration(us: float) -> str:
+    """Microseconds as us, ms or s, whichever reads best."""
+    if us < 1e3:
+        return f"{us:.1f} us"
+    return f"{us / 1e3:.2f} ms" if us < 1e6 else f"{us / 1e6:.2f} s"
+
+
+def _fusion_lines(bound: ProjectionFusionBound, dtype: str) -> list[str]:
+    verdict = "worth building" if bound.worth_fusing else "not worth building"
+    return [
+        "## Fusing the Dv -> D projection into score_maps (stretch goal)",
+        "",
+        f"For {bound.model} with {dtype} maps, fusion would save the projected maps' write and "
+        f"re-read: {bound.bytes_saved / 1e6:.1f} MB per image, at most {_duration(bound.saved_us)} "
+        f"at the copy bandwidth above. The network needs {bound.network_gflop:.1f} GFLOP per "
+        f"image, at least {_duration(bound.network_floor_us)} at this device's measured "
+        f"{bound.matmul_tflops:.2f} TFLOP/s {dtype} matmul rate. So fusion could shorten an "
+        f"image's network time by at most {bound.share:.2%}: {verdict} "
+        f"(threshold {FUSION_WORTH:.0%}).",
+    ]
 
 
 def write_kernel_bench(report: KernelBenchReport, out_dir: str | Path) -> tuple[Path, Path]:
