@@ -156,19 +156,20 @@ class Detector:
 
     def _infer(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Detection]:
         image_score, patch_map = self.backend.run(pixels)
-        detections = []
-        for index, (height, width) in enumerate(sizes):
-            full = anomaly_map(
-                patch_map[index : index + 1].to(self.device), (height, width), self.sigma
-            )[0]
-            full_np = full.float().cpu().numpy()
-            score = float(image_score[index])
-            detections.append(
-                Detection(
-                    score, full_np, score >= self.thresholds.image, full_np >= self.thresholds.pixel
-                )
-            )
-        return detections
+        scores = image_score.float().cpu().tolist()  # one transfer for the batch
+        patch_map = patch_map.to(self.device)
+        maps: dict[int, np.ndarray] = {}
+        # One anomaly_map call (and one device-to-host copy) per distinct frame size: a camera
+        # batch is usually a single size, so that is one launch for the whole batch.
+        for size, indices in _group_by_size(sizes).items():
+            rows = patch_map if len(indices) == len(sizes) else patch_map[indices]
+            full = anomaly_map(rows, size, self.sigma).float().cpu().numpy()
+            maps.update(zip(indices, full, strict=True))
+        image, pixel = self.thresholds.image, self.thresholds.pixel
+        return [
+            Detection(score, maps[index], score >= image, maps[index] >= pixel)
+            for index, score in enumerate(scores)
+        ]
 
     def predict(self, frames: Frame | Sequence[Frame]) -> list[Detection]:
         """One frame or a batch -> one Detection per frame (always a list)."""
@@ -228,6 +229,14 @@ class Detector:
                     ready.get_nowait()
                 except queue.Empty:
                     worker.join(timeout=0.05)
+
+
+def _group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Batch indices per distinct (height, width), in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    return groups
 
 
 def thresholds_from_artifacts(artifacts: str | Path) -> Thresholds:

@@ -62,6 +62,31 @@ def test_batch_of_mixed_sizes_keeps_each_frames_resolution(detector):
     assert np.allclose([d.image_score for d in detections], single, atol=1e-6)
 
 
+def test_one_map_call_per_distinct_frame_size(detector, monkeypatch):
+    import fbclip_edge.detector as detector_module
+
+    frames = [_rgb(30, 44), _rgb(64, 20, seed=1), _rgb(30, 44, seed=2), _rgb(64, 20, seed=3)]
+    alone = [detector.predict(f)[0] for f in frames]
+    calls = []
+    real = detector_module.anomaly_map
+
+    def counting(patch_prob, size, sigma):
+        calls.append((patch_prob.shape[0], tuple(size)))
+        return real(patch_prob, size, sigma)
+
+    monkeypatch.setattr(detector_module, "anomaly_map", counting)
+    together = detector.predict(frames)
+    assert calls == [(2, (30, 44)), (2, (64, 20))]
+    for one, batched in zip(alone, together, strict=True):
+        assert batched.anomaly_map.shape == one.anomaly_map.shape
+        assert np.allclose(batched.anomaly_map, one.anomaly_map, atol=1e-6)
+        assert np.array_equal(batched.defect_mask, batched.anomaly_map >= detector.thresholds.pixel)
+        assert batched.image_score == pytest.approx(one.image_score, abs=1e-6)
+    calls.clear()
+    detector.predict(np.stack([_rgb(30, 44, seed=s) for s in range(3)]))
+    assert calls == [(3, (30, 44))]
+
+
 def test_thresholds_drive_decision_and_mask(detector):
     rgb = _rgb(seed=4)
     loose = Detector(detector.backend, Thresholds(image=0.0, pixel=0.0))
