@@ -456,13 +456,14 @@ def predict(
     out: Annotated[Path, typer.Option(help="Folder for overlays/, results.csv and results.json.")],
     backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
+    batch: Annotated[int, typer.Option(help="Images per backend call.")] = 8,
 ) -> None:
     """Score images; write heat-map overlays and a results table (unreadable files are listed)."""
     from fbclip_edge.detector import Detector
     from fbclip_edge.predict import predict_files
 
     detector = Detector.open(artifacts, backend=backend, device=device)
-    result = predict_files(detector, inputs, out)
+    result = predict_files(detector, inputs, out, batch_size=batch)
     for name, reason in result.failed.items():
         console.print(f"[yellow]unreadable[/] {escape(name)}: {escape(reason)}", highlight=False)
     flagged = sum(row.decision == "anomalous" for row in result.rows)

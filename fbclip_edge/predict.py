@@ -15,10 +15,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.progress import Progress
 
 from fbclip_edge.data.image_io import IMAGE_SUFFIXES, read_image
-from fbclip_edge.detector import Detector
+from fbclip_edge.detector import Detection, Detector
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.overlay import overlay_panel
 
@@ -107,42 +108,54 @@ def write_tables(result: PredictResult, out: Path) -> None:
 
 
 def predict_files(
-    detector: Detector, inputs: Iterable[str | Path], out: str | Path, show_progress: bool = True
+    detector: Detector,
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    show_progress: bool = True,
+    batch_size: int = 8,
 ) -> PredictResult:
-    """Score every input image; write one overlay PNG per image plus the result tables."""
+    """Score every input image, batch_size readable images per backend call (frames of one
+    size share the map call too); write one overlay PNG per image plus the result tables."""
+    if batch_size < 1:
+        raise FBClipError(f"batch size must be >= 1, got {batch_size}")
     files = collect_inputs(inputs)
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     result = PredictResult(out=out)
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("scoring", total=len(files))
-        for index, path in enumerate(files):
-            progress.advance(task)
-            try:
-                image = read_image(path)
-            except FBClipError as error:
-                result.failed[str(path)] = str(error)
-                continue
-            detection = detector.predict(image)[0]
-            decision = "anomalous" if detection.is_anomalous else "good"
-            name = f"{index:05d}_{path.stem}.png"
-            caption = (
-                f"{path.parent.name}/{path.name}  score {detection.image_score:.3f}  {decision}"
-            )
-            panel = overlay_panel(image, detection.anomaly_map, detection.defect_mask, caption)
-            temp = out / "overlays" / f".{name}.tmp"
-            panel.save(temp, format="PNG")
-            os.replace(temp, out / "overlays" / name)
-            area = detection.defect_area
-            result.rows.append(
-                PredictRow(
-                    str(path),
-                    detection.image_score,
-                    decision,
-                    area,
-                    area / detection.defect_mask.size,
-                    f"overlays/{name}",
-                )
-            )
+        for first in range(0, len(files), batch_size):
+            chunk: list[tuple[int, Path, np.ndarray]] = []
+            for index in range(first, min(first + batch_size, len(files))):
+                try:
+                    chunk.append((index, files[index], read_image(files[index])))
+                except FBClipError as error:
+                    result.failed[str(files[index])] = str(error)
+            detections = detector.predict([image for _, _, image in chunk]) if chunk else []
+            for (index, path, image), detection in zip(chunk, detections, strict=True):
+                result.rows.append(_write_overlay(out, index, path, image, detection))
+            progress.advance(task, min(batch_size, len(files) - first))
     write_tables(result, out)
     return result
+
+
+def _write_overlay(
+    out: Path, index: int, path: Path, image: np.ndarray, detection: Detection
+) -> PredictRow:
+    """Save one image's overlay panel atomically; its table row."""
+    decision = "anomalous" if detection.is_anomalous else "good"
+    name = f"{index:05d}_{path.stem}.png"
+    caption = f"{path.parent.name}/{path.name}  score {detection.image_score:.3f}  {decision}"
+    panel = overlay_panel(image, detection.anomaly_map, detection.defect_mask, caption)
+    temp = out / "overlays" / f".{name}.tmp"
+    panel.save(temp, format="PNG")
+    os.replace(temp, out / "overlays" / name)
+    area = detection.defect_area
+    return PredictRow(
+        str(path),
+        detection.image_score,
+        decision,
+        area,
+        area / detection.defect_mask.size,
+        f"overlays/{name}",
+    )

@@ -103,6 +103,38 @@ def test_predict_folder_with_good_bad_and_corrupt_files(tmp_path):
     assert overlay.format == "PNG" and overlay.size == (3 * 64, 64 + 18)
 
 
+def test_predict_batches_backend_calls_and_matches_one_by_one(tmp_path):
+    make_synthetic(tmp_path / "data", categories=1, images=5, size=64, seed=4)
+    test_dir = next((tmp_path / "data").glob("*/test"))
+    (sorted(test_dir.iterdir())[-1] / "zz_broken.png").write_bytes(b"not an image")
+    backend = TorchBackend(create_model("tiny", image_size=56, seed=0), device="cpu")
+    batches = []
+    real_run = backend.run
+
+    def counting_run(pixels):
+        batches.append(pixels.shape[0])
+        return real_run(pixels)
+
+    backend.run = counting_run
+    detector = Detector(backend)
+    one = predict_files(detector, [test_dir], tmp_path / "one", show_progress=False, batch_size=1)
+    assert batches == [1] * len(one.rows) and len(one.failed) == 1
+    batches.clear()
+    four = predict_files(detector, [test_dir], tmp_path / "four", show_progress=False, batch_size=4)
+    # chunks of 4 files; each call gets its chunk's readable files
+    files = [str(p) for p in collect_inputs([test_dir])]
+    chunks = [files[first : first + 4] for first in range(0, len(files), 4)]
+    assert batches == [sum(f not in one.failed for f in chunk) for chunk in chunks]
+    assert len(batches) > 1 and max(batches) == 4
+    assert [r.file for r in four.rows] == [r.file for r in one.rows]
+    assert [r.overlay for r in four.rows] == [r.overlay for r in one.rows]
+    assert np.allclose([r.score for r in four.rows], [r.score for r in one.rows], atol=1e-6)
+    assert [r.defect_area for r in four.rows] == [r.defect_area for r in one.rows]
+    assert four.failed == one.failed
+    with pytest.raises(FBClipError, match="batch size must be >= 1"):
+        predict_files(detector, [test_dir], tmp_path / "zero", show_progress=False, batch_size=0)
+
+
 def test_collect_inputs_globs_and_errors(tmp_path):
     for name in ("a.png", "b.jpg", "c.txt"):
         Image.new("RGB", (4, 4)).save(tmp_path / name) if name != "c.txt" else (
