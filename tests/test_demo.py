@@ -32,3 +32,17 @@ def test_flops_command_prints_split():
     result = CliRunner().invoke(app, ["flops", "--backbone", "ViT-L-14-336", "--image-size", "518"])
     assert result.exit_code == 0
     assert "backbone 1013.6 GFLOPs" in result.output and "heads 380.0 GFLOPs" in result.output
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fbclip_edge", "flops", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Usage: fbclip-edge flops" in done.stdout
