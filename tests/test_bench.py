@@ -345,3 +345,74 @@ def test_cli_argument_parsing():
         harness.parse_batches("0")
     with pytest.raises(FBClipError, match="choose from"):
         harness.parse_backends("tensorrt,onnx")
+
+
+def _in_issue_setting(results, gpu_name="NVIDIA H100 80GB HBM3"):
+    """The run's results relabelled as ViT-L-14-336 @ 518 on a GPU (targets' setting)."""
+    from dataclasses import replace
+
+    from fbclip_edge.bench.device import GpuInfo
+
+    gpu = GpuInfo(0, gpu_name, 80 << 30, 132, "9.0")
+    return replace(
+        results,
+        model=replace(results.model, backbone="ViT-L-14-336", image_size=518),
+        device=replace(results.device, gpu=gpu),
+    )
+
+
+def test_targets_report_best_rows_without_verdict_outside_the_issue_setting(run):
+    from fbclip_edge.bench.targets import check_targets
+
+    results, files = run
+    checks = check_targets(results)
+    assert [c.goal for c in checks] == [">= 60%", "<= 5 ms", ">= 30x"]
+    assert all(c.met is None for c in checks)  # tiny model on a CPU: no verdicts
+    # no batch-32 row in the short run; batch-1 latency and speedup are the best rows
+    assert checks[0].value is None and "no batch-32 row" in checks[0].where
+    best_latency = min(m.pipeline.p50_ms for m in results.measurements if m.batch == 1)
+    assert checks[1].value == best_latency
+    best_speedup = max(m.speedup for m in results.measurements if m.speedup is not None)
+    assert checks[2].value == best_speedup
+    text = files.markdown.read_text()
+    assert "## Targets (ViT-L-14-336 @ 518 on an H100)" in text
+    assert "Verdicts do not apply to this run: the targets are for ViT-L-14-336 @ 518" in text
+
+
+def test_target_verdicts_in_the_issue_setting(run):
+    from dataclasses import replace
+
+    from fbclip_edge.bench.report import markdown as results_markdown
+    from fbclip_edge.bench.targets import check_targets
+
+    results, _ = run
+    fast = results.measurements[0]
+    flops = results.model.flops_total
+
+    def row(batch, p50_ms, throughput, speedup, ceiling_tflops):
+        pipeline = replace(fast.pipeline, p50_ms=p50_ms, throughput=throughput)
+        return replace(
+            fast,
+            backend="tensorrt",
+            batch=batch,
+            pipeline=pipeline,
+            speedup=speedup,
+            ceiling_tflops=ceiling_tflops,
+        )
+
+    # 32-batch row at exactly 61% of a 1000 TFLOP/s ceiling; 4 ms at batch 1; 31x speedup
+    throughput_61 = 0.61 * 1000e12 / flops
+    rows = [row(32, 50.0, throughput_61, 31.0, 1000.0), row(1, 4.0, 250.0, 12.0, 1000.0)]
+    good = _in_issue_setting(replace(results, measurements=rows))
+    checks = check_targets(good)
+    assert checks[0].value == pytest.approx(61.0)
+    assert [c.met for c in checks] == [True, True, True]
+    assert checks[0].where == "tensorrt, batch 32" and checks[1].where == "tensorrt, batch 1"
+    slow_rows = [row(32, 50.0, throughput_61 / 2, 3.0, 1000.0), row(1, 6.5, 150.0, 2.0, 1000.0)]
+    slow = _in_issue_setting(replace(results, measurements=slow_rows))
+    assert [c.met for c in check_targets(slow)] == [False, False, False]
+    assert "| not met |" in results_markdown(slow) and "| met |" in results_markdown(good)
+    # another GPU: values shown, no verdicts
+    other = _in_issue_setting(replace(results, measurements=rows), gpu_name="NVIDIA L4")
+    assert [c.met for c in check_targets(other)] == [None, None, None]
+    assert "the targets are for an H100" in results_markdown(other)

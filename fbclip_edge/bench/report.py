@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
+from fbclip_edge.bench import targets
 from fbclip_edge.bench.harness import BenchResults, Measurement
 
 JSON_NAME = "results.json"
@@ -264,6 +265,7 @@ def markdown(results: BenchResults) -> str:
         "",
         *_md_table(STAGE_HEADER, stage_rows(results)),
         "",
+        *targets.markdown_lines(results),
     ]
     missing = not_measured(results)
     if missing:
