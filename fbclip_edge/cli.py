@@ -509,6 +509,10 @@ def bench(
         str,
         typer.Option(help="Preprocess on cpu (PIL), gpu (torch) or auto (gpu for CUDA backends)."),
     ] = "auto",
+    recheck_baseline: Annotated[
+        bool,
+        typer.Option(help="Time eager fp32 again at the end to measure the machine's drift."),
+    ] = True,
     out: Annotated[
         Path | None,
         typer.Option(help="Output folder (default: benchmarks/results/<device>-<date>/...)."),
@@ -530,6 +534,7 @@ def bench(
         repeats=repeats,
         max_seconds=max_seconds or None,
         preprocess=preprocess,
+        recheck_baseline=recheck_baseline,
     )
     with console.status("benchmarking") as status:
         results = run_bench(config, log=lambda message: status.update(message))

@@ -416,3 +416,45 @@ def test_target_verdicts_in_the_issue_setting(run):
     other = _in_issue_setting(replace(results, measurements=rows), gpu_name="NVIDIA L4")
     assert [c.met for c in check_targets(other)] == [None, None, None]
     assert "the targets are for an H100" in results_markdown(other)
+
+
+def test_baseline_is_retimed_and_its_drift_reported(run):
+    results, files = run
+    assert results.config["recheck_baseline"] is True
+    assert set(results.baseline_drift) == {"1", "2"}
+    assert all(abs(value) < 10 for value in results.baseline_drift.values())
+    # the re-timed pass adds no rows: one baseline row per batch, speedups against it
+    assert [m.batch for m in results.measurements if m.backend == BASELINE] == [1, 2]
+    assert any("timed again after the other backends" in note for note in results.notes)
+    data = json.loads(files.json.read_text())
+    assert data["baseline_drift"] == results.baseline_drift
+
+
+def test_drift_marks_speedups_it_could_explain():
+    def row(name, batch, speedup):
+        stats = stage_stats([10.0], batch, 1)
+        return harness.Measurement(
+            name, batch, stats, {}, 10.0, stats.throughput, speedup, speedup, 0.0, None, None,
+            None, None, None, "process", 0.0,
+        )  # fmt: skip
+
+    first = [row(BASELINE, 1, 1.0), row(BASELINE, 8, 1.0), row("x", 1, 1.05), row("y", 8, 1.5)]
+    again = [row(BASELINE, 1, 1.0), row(BASELINE, 8, 1.0)]
+    again[0].pipeline = stage_stats([10.0 / 1.08], 1, 1)  # 8% faster the second time
+    drift = harness.baseline_drift(first, again)
+    assert drift == {"1": pytest.approx(0.08), "8": 0.0}
+    notes = harness.drift_notes(first, drift)
+    assert "+8.0% at batch 1" in notes[0] and "+0.0% at batch 8" in notes[0]
+    assert notes[1] == "INCONCLUSIVE (within the baseline's drift): x at batch 1 (1.05x)"
+    assert harness.drift_notes(first, None) == []
+
+
+def test_no_recheck_when_asked_or_alone():
+    alone = run_bench(short_config(backends=(BASELINE,), batches=(1,), iters=2, repeats=1))
+    assert alone.baseline_drift is None
+    off = run_bench(
+        short_config(backends=(BASELINE, "onnxruntime-cpu"), batches=(1,), iters=2, repeats=1,
+                     recheck_baseline=False)
+    )  # fmt: skip
+    assert off.baseline_drift is None
+    assert not any("timed again" in note for note in off.notes)

@@ -69,6 +69,8 @@ class BenchConfig:
     in a row. frame_size: (height, width) of the synthetic uint8 camera frames.
     preprocess: 'cpu' (PIL bicubic, the reference), 'gpu' (torch bicubic with antialias on
     the backend's CUDA device) or 'auto' (gpu for CUDA backends, cpu otherwise).
+    recheck_baseline: time the eager baseline again after every other backend; the change
+    (`baseline_drift`) is how far the machine itself moved while the others were timed.
     """
 
     model: Path | None = None
@@ -87,6 +89,7 @@ class BenchConfig:
     sigma: float = 4.0
     seed: int = 0
     measure_ceiling: bool = True
+    recheck_baseline: bool = True
     command: str | None = None
 
 
@@ -183,6 +186,7 @@ class BenchResults:
     measurements: list[Measurement]
     notes: list[str]
     load_average_at_end: tuple[float, float, float] | None = None
+    baseline_drift: dict[str, float] | None = None
 
     def measurement(self, backend: str, batch: int) -> Measurement | None:
         """The row for backend at batch, if it was measured."""
@@ -725,9 +729,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
                 result, rows = run.backend(name)
                 results.append(result)
                 measurements.extend(rows)
-                gc.collect()  # the backend went out of scope: free it before the next one
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                _release()
+            drift = None
+            if config.recheck_baseline and len(chosen) > 1 and BASELINE in chosen:
+                run.say(f"{BASELINE}: timing again, for the machine's drift")
+                _, again = run.backend(BASELINE)
+                drift = baseline_drift(measurements, again)
+                _release()
             export_note = artifacts.note()
             if export_note:
                 notes.append(export_note)
@@ -736,6 +744,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     add_speedups(measurements)
     notes.extend(_standard_notes(run.preprocess_kinds))
     notes.extend(_contention_notes(measurements))
+    notes.extend(drift_notes(measurements, drift))
     order = {name: index for index, name in enumerate(ALL_BACKENDS)}
     results.sort(key=lambda r: order.get(r.name, len(order)))
     return BenchResults(
@@ -751,7 +760,52 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         measurements=measurements,
         notes=notes,
         load_average_at_end=load_average(),
+        baseline_drift=drift,
     )
+
+
+def _release() -> None:
+    """Free the backend that just went out of scope before the next one is built."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def baseline_drift(first: list[Measurement], again: list[Measurement]) -> dict[str, float]:
+    """Per batch: the re-timed baseline's pipeline throughput over the first one's, minus 1.
+
+    Both passes bracket every other backend in time, so this is how much the machine alone
+    moved (clocks, neighbours on a shared host) while the others were measured.
+    """
+    before = {m.batch: m for m in first if m.backend == BASELINE}
+    drift = {}
+    for row in again:
+        if row.batch in before:
+            ratio = row.pipeline.throughput / before[row.batch].pipeline.throughput
+            drift[str(row.batch)] = round(ratio - 1.0, 4)
+    return drift
+
+
+def drift_notes(measurements: list[Measurement], drift: dict[str, float] | None) -> list[str]:
+    """Say how far the baseline moved, and which speedups that drift could explain."""
+    if not drift:
+        return []
+    moved = ", ".join(f"{value:+.1%} at batch {batch}" for batch, value in drift.items())
+    notes = [
+        f"{BASELINE} timed again after the other backends: its throughput moved {moved}; "
+        "a speedup within that band of 1.00x is not conclusive on this machine"
+    ]
+    unclear = [
+        f"{m.backend} at batch {m.batch} ({m.speedup:.2f}x)"
+        for m in measurements
+        if m.backend != BASELINE
+        and m.speedup is not None
+        and str(m.batch) in drift
+        and abs(m.speedup - 1.0) <= abs(drift[str(m.batch)])
+    ]
+    if unclear:
+        notes.append("INCONCLUSIVE (within the baseline's drift): " + "; ".join(unclear))
+    return notes
 
 
 def _standard_notes(preprocess_kinds: set[str]) -> list[str]:
