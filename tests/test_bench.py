@@ -458,3 +458,19 @@ def test_no_recheck_when_asked_or_alone():
     )  # fmt: skip
     assert off.baseline_drift is None
     assert not any("timed again" in note for note in off.notes)
+
+
+def test_terminal_report_shows_warnings(run):
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from fbclip_edge.bench.report import terminal_report
+
+    results, _ = run
+    flagged = replace(results, notes=[*results.notes, "INCONCLUSIVE (within drift): x"])
+    console = Console(width=160, record=True)
+    console.print(terminal_report(flagged, 160))
+    text = console.export_text()
+    assert "INCONCLUSIVE (within drift): x" in text
+    assert "torch-eager-fp32" in text and "timed again after" not in text

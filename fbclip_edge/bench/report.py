@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from fbclip_edge.bench import targets
 from fbclip_edge.bench.harness import BenchResults, Measurement
@@ -191,14 +192,23 @@ def terminal_report(results: BenchResults, width: int = 200) -> Group:
                          else "right")
     for row in summary_rows(results, header):
         table.add_row(*row)
-    parts: list[Table] = [table]
+    parts: list[Table | Text] = [table]
     missing = not_measured(results)
     if missing:
         skipped = Table("backend", "status", "reason", title="Not measured", title_justify="left")
         for name, status, reason in missing:
             skipped.add_row(name, f"[yellow]{status}[/]", reason)
         parts.append(skipped)
+    parts += [Text(note, style="yellow") for note in warnings(results)]
     return Group(*parts)
+
+
+WARNING_PREFIXES = ("CONTENTION", "INCONCLUSIVE")
+
+
+def warnings(results: BenchResults) -> list[str]:
+    """Notes that change how the numbers should be read (contention, drift), for the terminal."""
+    return [note for note in results.notes if note.startswith(WARNING_PREFIXES)]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
