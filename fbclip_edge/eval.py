@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ from PIL import Image
 from fbclip_edge.data import Sample, load_dataset, read_image, read_mask
 from fbclip_edge.data.layouts import LayoutKind
 from fbclip_edge.errors import FBClipError
+from fbclip_edge.fileio import write_text_atomic
 from fbclip_edge.metrics import METRIC_KEYS, evaluate
 from fbclip_edge.postprocess import anomaly_map
 from fbclip_edge.preprocess import preprocess
@@ -478,19 +478,12 @@ def report_markdown(report: EvalReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_report(
     report: EvalReport, json_path: str | Path, md_path: str | Path | None = None
 ) -> tuple[Path, Path]:
     """Write JSON and Markdown (default: the JSON path with .md), each replaced atomically."""
     json_path = Path(json_path)
     md_path = json_path.with_suffix(".md") if md_path is None else Path(md_path)
-    _write_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
-    _write_atomic(md_path, report_markdown(report))
+    write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(md_path, report_markdown(report))
     return json_path, md_path

@@ -10,7 +10,6 @@ import glob
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.progress import Progress
 from fbclip_edge.data.image_io import IMAGE_SUFFIXES, read_image
 from fbclip_edge.detector import Detection, Detector
 from fbclip_edge.errors import FBClipError
+from fbclip_edge.fileio import write_text_atomic
 from fbclip_edge.overlay import overlay_panel
 
 
@@ -70,14 +70,6 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", newline="") as stream:
-        stream.write(text)
-    os.chmod(temp, 0o644)
-    os.replace(temp, path)
-
-
 def write_tables(result: PredictResult, out: Path) -> None:
     """results.csv and results.json (with the failures), each written atomically."""
     buffer = io.StringIO()
@@ -94,7 +86,7 @@ def write_tables(result: PredictResult, out: Path) -> None:
                 row.overlay,
             ]
         )
-    _atomic_text(out / "results.csv", buffer.getvalue())
+    write_text_atomic(out / "results.csv", buffer.getvalue())
     payload = {
         "results": [asdict(r) for r in result.rows],
         "failed": result.failed,
@@ -104,7 +96,7 @@ def write_tables(result: PredictResult, out: Path) -> None:
             "anomalous": sum(r.decision == "anomalous" for r in result.rows),
         },
     }
-    _atomic_text(out / "results.json", json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
 def predict_files(

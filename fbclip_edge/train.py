@@ -23,6 +23,7 @@ from fbclip_edge.data import Sample, detect_layout, load_dataset, read_image, re
 from fbclip_edge.data.layouts import LayoutKind
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.factory import create_model
+from fbclip_edge.fileio import write_text_atomic
 from fbclip_edge.model import FBCLIP
 from fbclip_edge.model.backbone import BUILTIN_BACKBONES
 from fbclip_edge.model.losses import LossTerms, fbclip_losses
@@ -570,11 +571,8 @@ def _point_last(out: Path, folder: Path) -> Path:
 
 def _write_history(out: Path, history: list[EpochLog], config: TrainConfig) -> None:
     """history.json: the config and the per-epoch mean losses, replaced atomically."""
-    path = out / HISTORY_FILE
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
     payload = {"config": config.to_dict(), "epochs": [asdict(entry) for entry in history]}
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(out / HISTORY_FILE, json.dumps(payload, indent=2) + "\n")
 
 
 def train(config: TrainConfig) -> TrainResult:

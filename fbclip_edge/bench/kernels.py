@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fbclip_edge.bench.device import measure_matmul_ceiling
+from fbclip_edge.fileio import write_text_atomic
 from fbclip_edge.kernels import (
     anomaly_map,
     anomaly_map_torch,
@@ -413,6 +414,6 @@ def write_kernel_bench(report: KernelBenchReport, out_dir: str | Path) -> tuple[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "kernels.json", out / "kernels.md"
-    json_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    md_path.write_text(markdown(report))
+    write_text_atomic(json_path, json.dumps(report.as_dict(), indent=2) + "\n")
+    write_text_atomic(md_path, markdown(report))
     return json_path, md_path

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from fbclip_edge.bench import targets
 from fbclip_edge.bench.harness import BenchResults, Measurement
+from fbclip_edge.fileio import write_atomic, write_text_atomic
 
 JSON_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
@@ -332,7 +333,7 @@ def plot(results: BenchResults, path: Path) -> Path:
     right.set_title(f"Latency distribution at batch {smallest}")
     right.grid(True, axis="y", alpha=0.3)
     figure.suptitle(f"{model_line(results)}\n{device_line(results)}", fontsize=10)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, format="png")
     plt.close(figure)
     return path
 
@@ -342,9 +343,9 @@ def write_results(results: BenchResults, out_dir: str | Path) -> ResultFiles:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ResultFiles(out / JSON_NAME, out / MARKDOWN_NAME, out / PLOT_NAME)
-    files.json.write_text(results_json(results))
-    files.markdown.write_text(markdown(results))
-    plot(results, files.plot)
+    write_text_atomic(files.json, results_json(results))
+    write_text_atomic(files.markdown, markdown(results))
+    write_atomic(files.plot, lambda temporary: plot(results, temporary))
     return files
 
 
