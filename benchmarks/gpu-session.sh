@@ -11,7 +11,8 @@
 #   bench    `fbclip-edge bench` for ViT-L-14-336 @ 518, batch 1, 8, 32, every GPU backend,
 #            started detached (it can outlast one 10-minute call); then
 #   wait     polls up to 9 minutes and copies whatever is finished into $OUT (call again
-#            until it reports "done"; a call must be in flight or the machine is given back)
+#            until it reports "done"). Call it right after `bench`: a machine with no call in
+#            flight is given back after about 30 s, and the detached run dies with it.
 # Results land in $OUT (up to 8 files come back); commit them under
 # benchmarks/results/<device>-<date>/ with the exact command, and update benchmarks/README.md.
 set -euo pipefail
