@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.factory import clip_from_file
@@ -145,6 +146,40 @@ def check_state_dict(
         )
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Turn weight-initialization calls into no-ops, in this thread only (torch function modes
+    are thread-local, so a model built concurrently elsewhere keeps its random init)."""
+
+    SKIPPED = frozenset(
+        {
+            torch.nn.init.uniform_,
+            torch.nn.init.normal_,
+            torch.nn.init.trunc_normal_,
+            torch.nn.init.constant_,
+            torch.nn.init.kaiming_uniform_,
+            torch.nn.init.kaiming_normal_,
+            torch.nn.init.xavier_uniform_,
+            torch.nn.init.xavier_normal_,
+            torch.Tensor.uniform_,
+            torch.Tensor.normal_,
+        }
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Build modules without randomly initializing their weights (most of a ViT-L's
+    construction time), for weights that a strict load overwrites right after. Buffers that
+    the file does not hold (attention masks, prompt tokens) are computed as usual."""
+    with _SkipRandomInit():
+        yield
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> FBCLIP:
     """Load a model folder; returns FBCLIP in eval mode with frozen text features."""
     config, _ = read_config(path)
@@ -157,9 +192,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> FBCLIP:
         raise FBClipError(
             f"{weights} is corrupt or truncated ({error}); re-create the model folder"
         ) from None
-    model = FBCLIP(config)
+    with skip_weight_init():  # every parameter and persistent buffer comes from the file
+        model = FBCLIP(config)
     check_state_dict(model.state_dict(), state, str(weights))
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 

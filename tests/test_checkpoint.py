@@ -191,3 +191,44 @@ def test_fixture_files_are_untouched_by_import(tmp_path, fixture_dir):
         copy / "clip_openai_state_dict.pt", copy / "fbclip_checkpoint.pth", tmp_path / "m"
     )
     assert {p.name: p.stat().st_size for p in Path(copy).iterdir()} == before
+
+
+def test_load_skips_random_init_but_computes_unsaved_buffers(tmp_path):
+    from fbclip_edge.model import FBCLIP
+
+    model = create_model("tiny", image_size=56, seed=3)
+    save_model(model, tmp_path / "m")
+    loaded = load(tmp_path / "m")
+    fresh = FBCLIP(model.config)  # built the ordinary way
+    saved = set(model.state_dict())
+    unsaved = {n: b for n, b in fresh.named_buffers() if n not in saved}
+    assert unsaved, "the model has no unsaved buffers to check"
+    loaded_buffers = dict(loaded.named_buffers())
+    for name, buffer in unsaved.items():
+        assert torch.equal(loaded_buffers[name], buffer), name
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_skip_weight_init_is_scoped_and_thread_local():
+    import threading
+
+    from fbclip_edge.checkpoint import skip_weight_init
+
+    zeros = torch.zeros(4, 4)
+    with skip_weight_init():
+        torch.nn.init.normal_(zeros)
+        torch.nn.init.kaiming_uniform_(zeros)
+        torch.nn.init.trunc_normal_(zeros)
+        zeros.uniform_()
+        assert torch.count_nonzero(zeros) == 0
+        # other ops, the ones masks and tokens are built with, still run
+        mask = torch.empty(3, 3).fill_(float("-inf")).triu_(1)
+        assert torch.isinf(mask).sum() == 3 and mask[1, 0] == 0
+        other = torch.zeros(4, 4)
+        thread = threading.Thread(target=torch.nn.init.normal_, args=(other,))
+        thread.start()
+        thread.join()
+        assert torch.count_nonzero(other) > 0  # another thread initializes as usual
+    torch.nn.init.normal_(zeros)
+    assert torch.count_nonzero(zeros) > 0
