@@ -474,3 +474,15 @@ def test_terminal_report_shows_warnings(run):
     text = console.export_text()
     assert "INCONCLUSIVE (within drift): x" in text
     assert "torch-eager-fp32" in text and "timed again after" not in text
+
+
+def test_gpu_session_script_parses_and_names_its_steps():
+    import subprocess
+
+    script = README.parent / "gpu-session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    done = subprocess.run(
+        ["bash", str(script), "nope"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert "use fetch, check, bench or wait" in done.stderr
