@@ -412,7 +412,6 @@ def _fusion_lines(bound: ProjectionFusionBound, dtype: str) -> list[str]:
 def write_kernel_bench(report: KernelBenchReport, out_dir: str | Path) -> tuple[Path, Path]:
     """Write kernels.json and kernels.md into out_dir (created); returns both paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "kernels.json", out / "kernels.md"
     write_text_atomic(json_path, json.dumps(report.as_dict(), indent=2) + "\n")
     write_text_atomic(md_path, markdown(report))

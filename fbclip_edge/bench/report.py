@@ -341,7 +341,6 @@ def plot(results: BenchResults, path: Path) -> Path:
 def write_results(results: BenchResults, out_dir: str | Path) -> ResultFiles:
     """Write results.json, results.md and results.png into out_dir (created if needed)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files = ResultFiles(out / JSON_NAME, out / MARKDOWN_NAME, out / PLOT_NAME)
     write_text_atomic(files.json, results_json(results))
     write_text_atomic(files.markdown, markdown(results))
