@@ -8,12 +8,13 @@ pins everything the outputs depend on).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,30 +26,22 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.factory import clip_from_file
-from fbclip_edge.model import FBCLIP, FBCLIPConfig
+from fbclip_edge.methods import AnomalyModel, get_method, identify_checkpoint
+from fbclip_edge.methods.base import method_of_folder
+from fbclip_edge.statedict import check_state_dict, read_checkpoint_file
 
 FORMAT_NAME = "fbclip-edge-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-# Entries of the published checkpoint that the reference defines but never uses.
-_UNUSED_PROMPT_KEYS = (
-    "token_prefix_",
-    "token_suffix_",
-    "tokenized_prompts_",
-    "compound_prompts_text.",
-    "compound_prompt_projections.",
-)
-_UNUSED_TRAINABLE_KEYS = ("layer_selector", "fusion_weights", "fusion_weight", "gate_network.")
 
 
 def versions() -> dict[str, str]:
     """Library versions recorded with every artifact."""
     import open_clip
 
-    from fbclip_edge import __version__
+    from fbclip_edge.version import __version__
 
     return {
         "fbclip_edge": __version__,
@@ -79,7 +72,9 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_model(model: FBCLIP, out: str | Path, source: Mapping[str, Any] | None = None) -> Path:
+def save_model(
+    model: AnomalyModel, out: str | Path, source: Mapping[str, Any] | None = None
+) -> Path:
     """Write `out/config.json` and `out/model.safetensors` atomically; returns `out`."""
     if not model.text_frozen:
         model.freeze_text()
@@ -87,6 +82,7 @@ def save_model(model: FBCLIP, out: str | Path, source: Mapping[str, Any] | None 
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "method": model.method,
         "config": model.config.to_dict(),
         "clip_weights": "embedded",
         "source": dict(source or {}),
@@ -100,8 +96,11 @@ def save_model(model: FBCLIP, out: str | Path, source: Mapping[str, Any] | None 
     return Path(out)
 
 
-def read_config(path: str | Path) -> tuple[FBCLIPConfig, dict[str, Any]]:
-    """Parse a model folder's config.json; returns the config and the whole metadata."""
+def read_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Parse a model folder's config.json; returns the method's config and the metadata.
+
+    Folders written before methods existed have no "method" key: they are FB-CLIP.
+    """
     folder = Path(path)
     config_path = folder / CONFIG_FILE
     if not folder.is_dir() or not config_path.is_file():
@@ -120,30 +119,7 @@ def read_config(path: str | Path) -> tuple[FBCLIPConfig, dict[str, Any]]:
             f"{config_path} is format {meta.get('format')!r} v{meta.get('format_version')}; this "
             f"fbclip-edge reads {FORMAT_NAME} v{FORMAT_VERSION}: re-export it with this version"
         )
-    return FBCLIPConfig.from_dict(meta["config"]), meta
-
-
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str
-) -> None:
-    """One error listing every missing, unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(expected) & set(given)
-        if tuple(given[k].shape) != tuple(expected[k].shape)
-    )
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-        if items:
-            shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise FBClipError(
-            f"{what} does not fit this model ({'; '.join(problems)}); "
-            "check that it was made for the same backbone and settings"
-        )
+    return get_method(method_of_folder(meta)).config_from_dict(meta["config"]), meta
 
 
 class _SkipRandomInit(TorchFunctionMode):
@@ -165,9 +141,15 @@ class _SkipRandomInit(TorchFunctionMode):
         }
     )
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         if func in self.SKIPPED:
-            return args[0] if args else kwargs["tensor"]
+            return args[0] if args else (kwargs or {})["tensor"]
         return func(*args, **(kwargs or {}))
 
 
@@ -180,9 +162,16 @@ def skip_weight_init() -> Iterator[None]:
         yield
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> FBCLIP:
-    """Load a model folder; returns FBCLIP in eval mode with frozen text features."""
-    config, _ = read_config(path)
+def load(
+    path: str | Path, device: str | torch.device = "cpu", image_size: int | None = None
+) -> AnomalyModel:
+    """Load a model folder; returns the model in eval mode with frozen text features.
+
+    image_size runs it at another input size: the positional embedding is interpolated at
+    run time, so only the config changes.
+    """
+    config, meta = read_config(path)
+    spec = get_method(method_of_folder(meta))
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise FBClipError(f"{weights} is missing; re-create the model folder")
@@ -193,121 +182,43 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> FBCLIP:
             f"{weights} is corrupt or truncated ({error}); re-create the model folder"
         ) from None
     with skip_weight_init():  # every parameter and persistent buffer comes from the file
-        model = FBCLIP(config)
+        model = spec.build(config)
     check_state_dict(model.state_dict(), state, str(weights))
     model.load_state_dict(state, strict=True)
+    if image_size and image_size != model.config.image_size:
+        model.config = dataclasses.replace(model.config, image_size=int(image_size))
     return model.to(device).eval()
 
 
-def read_official_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load the published `.pth` and check its top-level layout."""
-    path = Path(path)
-    if not path.is_file():
-        raise FBClipError(f"checkpoint not found: {path}; check the path")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise FBClipError(
-            f"cannot read checkpoint {path} ({type(error).__name__}); it is truncated or "
-            "corrupt: download it again"
-        ) from None
-    if not isinstance(checkpoint, dict) or not {"prompt_learner", "model_trainable_params"} <= set(
-        checkpoint
-    ):
-        raise FBClipError(
-            f"{path} is not a published FB-CLIP checkpoint (expected the keys prompt_learner "
-            "and model_trainable_params)"
-        )
-    return checkpoint
-
-
-def official_to_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Rename the published keys to this package's; unknown keys are an error."""
-    renamed: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key, value in checkpoint["prompt_learner"].items():
-        if key in ("ctx_pos", "ctx_neg"):
-            renamed[f"prompt_learner.{key}"] = value
-        elif not key.startswith(_UNUSED_PROMPT_KEYS):
-            unknown.append(f"prompt_learner.{key}")
-    for key, value in checkpoint["model_trainable_params"].items():
-        if key.startswith("fb_Attention."):
-            renamed["fb_attention." + key.removeprefix("fb_Attention.")] = value
-        elif key.startswith(("token_selector.", "text_projection_mlp.")):
-            renamed[f"text_fusion.{key}"] = value
-        elif key == "scale_weights":
-            renamed[key] = value
-        elif not key.startswith(_UNUSED_TRAINABLE_KEYS):
-            unknown.append(f"model_trainable_params.{key}")
-    if unknown:
-        raise FBClipError(
-            f"checkpoint has keys this importer does not know: {unknown[:10]}; "
-            "is it an FB-CLIP checkpoint?"
-        )
-    return {k: v.float() for k, v in renamed.items()}
-
-
 def import_official(
-    clip_weights: str | Path,
+    clip_weights: str | Path | None,
     checkpoint: str | Path,
     out: str | Path | None = None,
     image_size: int = 518,
     feature_layers: tuple[int, ...] | None = None,
+    method: str = "fbclip",
     **settings: Any,
-) -> FBCLIP:
-    """Published checkpoint + OpenAI CLIP weights -> FBCLIP (eval); saved to `out` if given.
+) -> AnomalyModel:
+    """A published checkpoint of `method` + CLIP weights -> model (eval), saved to `out`.
 
-    `settings` override FBCLIPConfig fields (e.g. class_name) for checkpoints trained
-    with other prompts.
+    A checkpoint of another method is refused with the command that fits it.
     """
-    published = read_official_checkpoint(checkpoint)
-    learned = official_to_state_dict(published)
-    clip, backbone = clip_from_file(clip_weights)
-    n_ctx = (
-        int(learned["prompt_learner.ctx_pos"].shape[-2])
-        if "prompt_learner.ctx_pos" in learned
-        else 12
-    )
-    config = FBCLIPConfig(
-        backbone=backbone,
-        image_size=image_size,
-        feature_layers=tuple(feature_layers or ()),
-        n_ctx=n_ctx,
+    spec = get_method(method)
+    found = identify_checkpoint(read_checkpoint_file(checkpoint))
+    if found != spec.name:
+        looks = f"a published {get_method(found).title} checkpoint" if found else (
+            "no published checkpoint layout this toolkit knows"
+        )
+        hint = get_method(found).import_hint if found else spec.import_hint
+        raise FBClipError(
+            f"{checkpoint} is {looks}, not {spec.title}; use: {hint}"
+        )
+    if clip_weights is None and not spec.extra.get("clip_in_checkpoint"):
+        raise FBClipError(f"{spec.title} needs --clip-weights FILE (OpenAI CLIP weights)")
+    model, source = spec.import_official(
+        clip_weights, checkpoint, image_size=image_size, feature_layers=feature_layers,
         **settings,
     )
-    model = FBCLIP(config, clip)
-    heads = {
-        k: v
-        for k, v in model.state_dict().items()
-        if not k.startswith("clip.") and k != "text_features_frozen"
-    }
-    check_state_dict(heads, learned, f"checkpoint {checkpoint}")
-    model.load_state_dict(learned, strict=False)
-    _check_prompt_tokens(model, published["prompt_learner"], checkpoint)
-    model.eval()
     if out is not None:
-        source = {
-            "kind": "official",
-            "checkpoint": str(checkpoint),
-            "clip_weights": str(clip_weights),
-            "epoch": published.get("epoch"),
-            "source_domain": published.get("source_domain"),
-        }
         save_model(model, out, source)
     return model
-
-
-def _check_prompt_tokens(
-    model: FBCLIP, prompt_state: Mapping[str, torch.Tensor], name: object
-) -> None:
-    """The stored tokenized prompts must equal ours, or the contexts sit in the wrong place."""
-    for row, suffix in enumerate(("pos", "neg")):
-        stored = prompt_state.get(f"tokenized_prompts_{suffix}")
-        if stored is not None and not torch.equal(
-            stored.reshape(-1).long(), model.prompt_learner.tokens[row].cpu()
-        ):
-            raise FBClipError(
-                f"checkpoint {name} was trained with different prompt text than "
-                f"'{model.config.class_name}' and the default templates; pass the matching "
-                "class_name / normal_template / abnormal_template settings"
-            )

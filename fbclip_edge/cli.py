@@ -59,51 +59,59 @@ def demo(
     ] = False,
     image_size: Annotated[int, typer.Option(help="Input side in pixels (multiple of 14).")] = 518,
 ) -> None:
-    """Run FB-CLIP on the embedded tiny default: parity check, then predictions with overlays."""
+    """Run FB-CLIP and AnomalyCLIP on the embedded tiny defaults: parity, then overlays."""
     from fbclip_edge.demo import run_demo
 
-    result = run_demo(out, use_fixture=not no_fixture, image_size=image_size)
-    console.print(f"model: {result.source}, {result.image_size} px")
-    if result.parity:
-        worst = max(result.parity.values())
-        verdict = "[green]match[/]" if worst < 1e-5 else "[red]MISMATCH[/]"
-        details = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
+    for result in run_demo(out, use_fixture=not no_fixture, image_size=image_size):
+        console.rule(f"{result.method}")
+        console.print(f"model: {result.source}, {result.image_size} px")
+        if result.parity:
+            worst = max(result.parity.values())
+            verdict = "[green]match[/]" if worst < 1e-5 else "[red]MISMATCH[/]"
+            details = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
+            console.print(
+                f"parity with the authors' reference outputs: {verdict} (max abs diff: {details})"
+            )
+        table = Table("image", "image score", "decision", "defect px")
+        for row in result.predictions.rows:
+            name = "/".join(Path(row.file).parts[-4:])
+            table.add_row(name, f"{row.score:.4f}", row.decision, str(row.defect_area))
+        console.print(table)
         console.print(
-            f"parity with the authors' reference outputs: {verdict} (max abs diff: {details})"
+            f"overlays (image | heat map | defect contour): {out}/{result.method}/predictions/"
+            f"overlays/ ; table: {out}/{result.method}/predictions/results.csv"
         )
-    table = Table("image", "image score", "decision", "defect px")
-    for row in result.predictions.rows:
-        name = "/".join(Path(row.file).parts[-4:])
-        table.add_row(name, f"{row.score:.4f}", row.decision, str(row.defect_area))
-    console.print(table)
     console.print(
-        f"overlays (image | heat map | defect contour): {out}/predictions/overlays/ ; "
-        f"table: {out}/predictions/results.csv. Decisions use the uncalibrated 0.5 threshold and "
-        "a tiny random-weight CLIP: they show the pipeline works, not what a trained "
-        "ViT-L-14-336 detects."
+        "Decisions use the uncalibrated 0.5 threshold and tiny random-weight CLIPs: they show "
+        "the pipeline works, not what a trained ViT-L-14-336 detects."
     )
 
 
 @app.command("import-official")
 @friendly_errors
 def import_official_command(
-    clip_weights: Annotated[
-        Path, typer.Option(help="OpenAI CLIP weights: .pt TorchScript file or state dict.")
-    ],
-    checkpoint: Annotated[Path, typer.Option(help="Published FB-CLIP checkpoint (.pth).")],
+    checkpoint: Annotated[Path, typer.Option(help="The authors' published checkpoint (.pth).")],
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
+    clip_weights: Annotated[
+        Path | None, typer.Option(help="OpenAI CLIP weights: .pt TorchScript file or state dict.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="fbclip or anomalyclip.")] = "fbclip",
     image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 518,
     feature_layers: Annotated[
-        str | None, typer.Option(help="Comma-separated 1-based blocks.")
+        str | None,
+        typer.Option(help="Comma-separated 1-based blocks (AnomalyCLIP's published: 24)."),
     ] = None,
 ) -> None:
     """Convert the authors' published checkpoint into an fbclip-edge model folder."""
     from fbclip_edge.checkpoint import import_official
 
-    model = import_official(clip_weights, checkpoint, out, image_size, _layers(feature_layers))
+    model = import_official(
+        clip_weights, checkpoint, out, image_size, _layers(feature_layers), method=method
+    )
     cfg = model.config
     console.print(
-        f"wrote {out} ({cfg.backbone.name}, {cfg.image_size} px, layers {list(cfg.feature_layers)})"
+        f"wrote {out} ({model.method}, {cfg.backbone.name}, {cfg.image_size} px, "
+        f"layers {list(cfg.feature_layers)})"
     )
 
 
@@ -112,16 +120,25 @@ def import_official_command(
 def flops(
     backbone: Annotated[str, typer.Option(help="open_clip ViT name or 'tiny'.")] = "ViT-L-14-336",
     image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 518,
+    method: Annotated[str, typer.Option(help="fbclip, anomalyclip or all.")] = "all",
 ) -> None:
-    """Print analytic forward-pass GFLOPs per image (backbone and FB-CLIP heads)."""
-    from fbclip_edge.model import FBCLIPConfig, backbone_config
-    from fbclip_edge.model.flops import forward_flops
+    """Print analytic forward-pass GFLOPs per image (backbone and the method's heads)."""
+    from rich.table import Table
 
-    count = forward_flops(FBCLIPConfig(backbone_config(backbone), image_size=image_size))
-    console.print(
-        f"{backbone} @ {image_size}px: backbone {count.backbone / 1e9:.1f} GFLOPs, "
-        f"heads {count.heads / 1e9:.1f} GFLOPs, total {count.total / 1e9:.1f} GFLOPs per image"
-    )
+    from fbclip_edge.clip import backbone_config
+    from fbclip_edge.methods import METHODS, get_method
+
+    names = sorted(METHODS) if method == "all" else [get_method(method).name]
+    table = Table(title=f"GFLOPs per image, {backbone} @ {image_size} px")
+    for column in ("method", "backbone", "heads", "total"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for name in names:
+        spec = get_method(name)
+        count = spec.flops(spec.new_config(backbone_config(backbone), image_size=image_size))
+        table.add_row(
+            spec.title, *(f"{n / 1e9:.1f}" for n in (count.backbone, count.heads, count.total))
+        )
+    console.print(table)
 
 
 @app.command("make-synthetic")
@@ -216,16 +233,24 @@ def train_command(
         Path | None,
         typer.Option(help="Local OpenAI CLIP .pt or state dict (wins over --backbone)."),
     ] = None,
-    image_size: Annotated[int, typer.Option(help="Input side in pixels (multiple of 14).")] = 518,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input side in pixels (multiple of 14); default: recipe.")
+    ] = None,
     feature_layers: Annotated[
         str | None, typer.Option(help="Comma-separated 1-based blocks.")
     ] = None,
+    method: Annotated[str, typer.Option(help="fbclip or anomalyclip.")] = "fbclip",
     epochs: Annotated[
-        int, typer.Option(help="Total epochs (a resumed run continues up to it).")
-    ] = 3,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 4,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-5,
-    seed: Annotated[int, typer.Option(help="Seed for weights init, shuffling and RNGs.")] = 42,
+        int | None,
+        typer.Option(help="Total epochs (a resumed run continues up to it); default: recipe."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step; default: recipe.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate; default: recipe.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for init, shuffling and RNGs; default: recipe.")
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="cuda, cuda:1 or cpu (default: cuda if any).")
     ] = None,
@@ -243,13 +268,14 @@ def train_command(
         bool, typer.Option(help="Show the progress bar with the loss terms.")
     ] = True,
 ) -> None:
-    """Train FB-CLIP's learned parts on an auxiliary dataset with frozen CLIP (paper recipe)."""
+    """Train a method's learned parts on an auxiliary dataset with frozen CLIP (its recipe)."""
     from fbclip_edge.train import TrainConfig, train
 
-    config = TrainConfig(
+    config = TrainConfig.for_method(
+        method,
         data=data,
         out=out,
-        dataset=dataset,  # type: ignore[arg-type]
+        dataset=dataset,
         split=split,
         categories=_names(categories),
         exclude=_names(exclude) or (),
@@ -400,7 +426,8 @@ def export(
         except ParityError as error:
             console.print(parity_table(error.report))
             raise
-    console.print(parity_table(result.parity))
+    if result.parity is not None:
+        console.print(parity_table(result.parity))
     manifest = result.manifest
     engine = manifest.engine()
     built = ""
@@ -425,8 +452,8 @@ def calibrate(
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
 ) -> None:
     """Set image and pixel thresholds from known-good images; store them in the manifest."""
-    from fbclip_edge.calibrate import calibrate_folder, write_calibration
-    from fbclip_edge.detector import Detector
+    from fbclip_edge.line.calibrate import calibrate_folder, write_calibration
+    from fbclip_edge.line.detector import Detector
 
     detector = Detector.open(artifacts, backend=backend, device=device)
     run = calibrate_folder(detector, good, target_fpr)
@@ -459,8 +486,8 @@ def predict(
     batch: Annotated[int, typer.Option(help="Images per backend call.")] = 8,
 ) -> None:
     """Score images; write heat-map overlays and a results table (unreadable files are listed)."""
-    from fbclip_edge.detector import Detector
-    from fbclip_edge.predict import predict_files
+    from fbclip_edge.line.detector import Detector
+    from fbclip_edge.line.predict import predict_files
 
     detector = Detector.open(artifacts, backend=backend, device=device)
     result = predict_files(detector, inputs, out, batch_size=batch)
@@ -488,6 +515,13 @@ def bench(
         ),
     ] = None,
     backbone: Annotated[str, typer.Option(help="Backbone of the random-weight model.")] = "tiny",
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods timed side by side, or all (default: the folder's, "
+            "else fbclip)."
+        ),
+    ] = None,
     backends: Annotated[
         str | None,
         typer.Option(help="Comma-separated backends (default: every one available here)."),
@@ -518,13 +552,25 @@ def bench(
         typer.Option(help="Output folder (default: benchmarks/results/<device>-<date>/...)."),
     ] = None,
 ) -> None:
-    """Time every backend end to end and per stage against eager fp32; write JSON, MD, plot."""
-    from fbclip_edge.bench.harness import BenchConfig, parse_backends, parse_batches, run_bench
+    """Time every method's backends end to end and per stage against its eager fp32; write
+    JSON, MD, plot."""
+    from fbclip_edge.bench.harness import (
+        DEFAULT_METHODS,
+        BenchConfig,
+        folder_methods,
+        parse_backends,
+        parse_batches,
+        parse_methods,
+        run_bench,
+    )
     from fbclip_edge.bench.report import default_out_dir, terminal_report, write_results
 
+    found = folder_methods(model, artifacts)  # a folder's method is the default
+    methods = parse_methods(method) or ((found[0][0],) if found else DEFAULT_METHODS)
     config = BenchConfig(
         model=model,
         artifacts=artifacts,
+        methods=methods,
         backbone=backbone,
         image_size=image_size,
         backends=parse_backends(backends),
@@ -541,3 +587,186 @@ def bench(
     console.print(terminal_report(results, console.width))
     files = write_results(results, out or default_out_dir(results))
     console.print(f"wrote {files.json}, {files.markdown}, {files.plot}")
+
+
+def _sizes(text: str, option: str) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16), or a one-line error naming the option."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise FBClipError(
+            f"{option} '{text}' must be comma-separated integers, e.g. 1,4,16"
+        ) from None
+    if not values or min(values) < 1:
+        raise FBClipError(f"{option} '{text}' must hold integers >= 1")
+    return values
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    """'640x480' (width x height, as cameras name it) -> (height, width)."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise FBClipError(f"--frame-size '{text}' must be WIDTHxHEIGHT, e.g. 640x480") from None
+    return height, width
+
+
+def _batching_modes(text: str) -> tuple[bool, ...]:
+    modes = {"on": True, "off": False}
+    try:
+        return tuple(modes[part.strip()] for part in text.split(","))
+    except KeyError:
+        raise FBClipError(f"--batching '{text}' must be on, off or on,off") from None
+
+
+@app.command("serve")
+@friendly_errors
+def serve_command(
+    artifacts: Annotated[Path, typer.Argument(help="Artifacts folder from `fbclip-edge export`.")],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 to serve the plant's network.")
+    ] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="KServe v2 HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (/metrics).")] = 8002,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Largest batch Triton forms (default: the export's max).")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="How long a request may wait for others to batch with, in us.")
+    ] = 2000,
+    dynamic_batching: Annotated[
+        bool, typer.Option(help="Merge concurrent requests into one network call.")
+    ] = True,
+    instances: Annotated[
+        int, typer.Option(help="Model instances, each with its own backend (parallel calls).")
+    ] = 1,
+    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
+    model_name: Annotated[
+        str, typer.Option(help="Model name clients ask for (+ NAME_pixels for pixels).")
+    ] = "fbclip",
+    max_frame_side: Annotated[
+        int, typer.Option(help="Frames with a longer side are refused, in pixels.")
+    ] = 4096,
+    exit_timeout_s: Annotated[
+        int, typer.Option(help="On SIGTERM, how long requests in flight may take to finish.")
+    ] = 30,
+) -> None:
+    """Serve an export on a Triton Inference Server: KServe v2 over HTTP and gRPC, dynamic
+    batching, health, Prometheus metrics; SIGTERM stops after the requests in flight."""
+    from fbclip_edge.serve.server import ServeConfig, Server
+
+    config = ServeConfig(
+        artifacts=artifacts,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        max_batch=max_batch,
+        max_queue_delay_us=max_queue_delay_us,
+        dynamic_batching=dynamic_batching,
+        instances=instances,
+        backend=backend,
+        model_name=model_name,
+        max_frame_side=max_frame_side,
+        exit_timeout_s=exit_timeout_s,
+    )
+    server = Server(config).start()
+    urls = server.urls
+    batching = (
+        f"dynamic batching up to {server.max_batch} frames, {max_queue_delay_us} us"
+        if dynamic_batching
+        else f"no dynamic batching, requests of up to {server.max_batch} frames"
+    )
+    console.print(
+        f"serving {model_name} (uint8 frames) and {model_name}_pixels: {server.backend_info}, "
+        f"{batching}, {instances} instance(s)\n"
+        f"  {urls.http}  {urls.grpc}  metrics {urls.metrics}\n"
+        "  SIGTERM or Ctrl-C stops after the requests in flight",
+        highlight=False,
+    )
+    server.serve_forever()
+    console.print("stopped: every request received was answered", highlight=False)
+
+
+@app.command("loadtest")
+@friendly_errors
+def loadtest_command(
+    artifacts: Annotated[
+        Path | None,
+        typer.Argument(help="Artifacts to serve on loopback (a server per batching mode)."),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Load a server already running on this machine instead."),
+    ] = None,
+    clients: Annotated[str, typer.Option(help="Comma-separated client counts.")] = "1,4,16",
+    frames: Annotated[int, typer.Option(help="Frames each client sends.")] = 16,
+    frame_size: Annotated[str, typer.Option(help="Camera frame WIDTHxHEIGHT.")] = "640x480",
+    maps: Annotated[
+        str, typer.Option(help="Outputs asked for: full, patch, mask or score.")
+    ] = "full",
+    protocol: Annotated[str, typer.Option(help="http or grpc.")] = "http",
+    batching: Annotated[
+        str, typer.Option(help="Dynamic batching modes to run: on, off or on,off.")
+    ] = "on,off",
+    max_batch: Annotated[int, typer.Option(help="Server's largest batch.")] = 8,
+    max_queue_delay_us: Annotated[int, typer.Option(help="Server's queue delay, us.")] = 2000,
+    backend: Annotated[
+        str, typer.Option(help="Server backend: auto, torch, onnxruntime.")
+    ] = "auto",
+    max_seconds: Annotated[
+        float, typer.Option(help="Per run: no client sends after this many seconds.")
+    ] = 120.0,
+    model_name: Annotated[str, typer.Option(help="Model name (with --url).")] = "fbclip",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for results.json and results.md (default: benchmarks/...)."),
+    ] = None,
+) -> None:
+    """Bounded load test on loopback: N clients x M frames, throughput, p50/p99 latency,
+    errors and the batch sizes Triton formed, with dynamic batching on and off."""
+    import sys
+
+    from fbclip_edge.serve.loadtest import (
+        SuiteConfig,
+        default_out_dir,
+        model_label,
+        report_markdown,
+        run_existing,
+        run_suite,
+        write_report,
+    )
+
+    if (artifacts is None) == (url is None):
+        raise FBClipError("give either ARTIFACTS (servers are started here) or --url, not both")
+    if protocol not in ("http", "grpc"):
+        raise FBClipError(f"--protocol must be http or grpc, not {protocol!r}")
+    counts, size = _sizes(clients, "--clients"), _frame_size(frame_size)
+    command = "fbclip-edge " + " ".join(sys.argv[1:])
+    if artifacts is not None:
+        suite = SuiteConfig(
+            artifacts=artifacts,
+            clients=counts,
+            frames=frames,
+            frame_size=size,
+            maps=maps,
+            protocol=protocol,
+            batching=_batching_modes(batching),
+            max_batch=max_batch,
+            max_queue_delay_us=max_queue_delay_us,
+            backend=backend,
+            max_seconds=max_seconds,
+        )
+        with console.status("load test") as status:
+            report = run_suite(suite, command, log=lambda message: status.update(message))
+        label = model_label(artifacts)
+    else:
+        with console.status("load test"):
+            report = run_existing(
+                url or "", counts, frames, size, maps, model_name, max_seconds, command
+            )
+        label = model_name
+    console.print(report_markdown(report), highlight=False)
+    json_path, md_path = write_report(report, out or default_out_dir(report, label))
+    console.print(f"wrote {json_path} and {md_path}")

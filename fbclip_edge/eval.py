@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from fbclip_edge.metrics import METRIC_KEYS, evaluate
 from fbclip_edge.postprocess import anomaly_map
 from fbclip_edge.preprocess import preprocess
 from fbclip_edge.runtime.base import Backend, TorchBackend
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 METRIC_LABELS = {
@@ -209,7 +213,7 @@ def _run_category(
     return collected
 
 
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _resize_mask(mask: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour with PIL, the same sampling read_mask uses."""
     image = Image.fromarray(mask.astype(np.uint8) * 255)
     return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) > 127
@@ -324,27 +328,34 @@ class _EvalProgress:
     """A rich progress bar over images that yields an `advance(n, category)` callback."""
 
     def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.bar, self.task = enabled, total, None, None
+        self.enabled, self.total = enabled, total
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
 
     def __enter__(self) -> Any:
         if not self.enabled:
             return lambda n, name: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        self.bar = Progress(
+        self.bar = bar = Progress(
             "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
         )
-        self.bar.__enter__()
-        self.task = self.bar.add_task("evaluating", total=self.total)
+        bar.__enter__()
+        self.task = task = bar.add_task("evaluating", total=self.total)
 
         def advance(n: int, name: str) -> None:
-            self.bar.update(self.task, advance=n, description=f"evaluating {name}")
+            bar.update(task, advance=n, description=f"evaluating {name}")
 
         return advance
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         if self.bar is not None:
-            self.bar.__exit__(*exc)
+            self.bar.__exit__(exc_type, exc, traceback)
 
 
 # --------------------------------------------------------------------------- backends
@@ -367,6 +378,7 @@ def open_backend(config: EvalConfig) -> Backend:
         return TorchBackend(load(config.model, device), device, precision)
     from fbclip_edge.runtime import open as open_artifacts
 
+    assert config.artifacts is not None  # EvalConfig holds exactly one of model and artifacts
     return open_artifacts(
         config.artifacts,
         backend=config.backend,

@@ -56,7 +56,7 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     """PIL bicubic resize to size x size (what torchvision's Resize does on PIL images)."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fbclip_edge.checkpoint import atomic_directory, load, save_model
+from fbclip_edge.clip.backbone import BUILTIN_BACKBONES
 from fbclip_edge.data import Sample, detect_layout, load_dataset, read_image, read_mask
 from fbclip_edge.data.layouts import LayoutKind
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.factory import create_model
 from fbclip_edge.fileio import write_text_atomic
-from fbclip_edge.model import FBCLIP
-from fbclip_edge.model.backbone import BUILTIN_BACKBONES
-from fbclip_edge.model.losses import LossTerms, fbclip_losses
+from fbclip_edge.methods import get_method
+from fbclip_edge.methods.base import AnomalyModel, TrainLoss
 from fbclip_edge.preprocess import preprocess
 
 STATE_FILE = "train_state.pt"
@@ -50,6 +50,7 @@ class TrainConfig:
 
     data: Path
     out: Path
+    method: str = "fbclip"
     dataset: LayoutKind = "auto"
     split: str = "test"
     categories: tuple[str, ...] | None = None
@@ -70,6 +71,21 @@ class TrainConfig:
     max_steps: int | None = None
     resume: Path | None = None
     progress: bool = True
+
+    @classmethod
+    def for_method(cls, method: str, **settings: Any) -> TrainConfig:
+        """A run of `method` with its published recipe wherever a setting is None/absent."""
+        recipe = get_method(method).recipe
+        defaults = {
+            "lr": recipe.lr,
+            "betas": recipe.betas,
+            "batch_size": recipe.batch_size,
+            "epochs": recipe.epochs,
+            "seed": recipe.seed,
+            "image_size": recipe.image_size,
+        }
+        given = {k: v for k, v in settings.items() if v is not None or k not in defaults}
+        return cls(method=get_method(method).name, **{**defaults, **given})
 
     def __post_init__(self) -> None:
         self.data, self.out = Path(self.data), Path(self.out)
@@ -234,7 +250,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def trainable_parameters(model: FBCLIP) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable_parameters(model: AnomalyModel) -> list[tuple[str, torch.nn.Parameter]]:
     """The learned parts (prompt contexts, token selector, text MLP, FB attention, scale
     weights); CLIP parameters have requires_grad False and never reach the optimizer."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -253,7 +269,7 @@ def _pretrained_tag(config: TrainConfig) -> str | None:
     return config.pretrained
 
 
-def _new_model(config: TrainConfig) -> FBCLIP:
+def _new_model(config: TrainConfig) -> AnomalyModel:
     """Fresh heads on the requested CLIP weights, initialised from the run's seed."""
     return create_model(
         config.backbone,
@@ -262,6 +278,7 @@ def _new_model(config: TrainConfig) -> FBCLIP:
         image_size=config.image_size,
         feature_layers=config.feature_layers,
         seed=config.seed,
+        method=config.method,
     )
 
 
@@ -307,28 +324,16 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def training_step(
-    model: FBCLIP,
+    model: AnomalyModel,
     pixels: torch.Tensor,
     masks: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float32,
-) -> LossTerms:
-    """Forward and losses for one batch (no backward). Text features are encoded once per
-    step from the current prompts; the losses run outside autocast, in float32."""
-    device = pixels.device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        text = model.encode_text()
-        maps = model.encode_maps(pixels)
-        output = model.score(maps, text)
-    return fbclip_losses(
-        output.image_score,
-        output.patch_map,
-        maps[:, -1],
-        text,
-        labels,
-        masks,
-        temperature=model.config.temperature,
-    )
+) -> TrainLoss:
+    """Forward and the method's losses for one batch (no backward); the networks run under
+    autocast when dtype is reduced, the loss terms cast their inputs to float32."""
+    with torch.autocast(pixels.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model.training_loss(pixels, masks, labels)
 
 
 class _Progress:
@@ -386,7 +391,7 @@ def _batches(loader: DataLoader, max_steps: int | None) -> Iterator[Any]:
 class _Run:
     """Mutable state of a run: what a checkpoint must capture to continue exactly."""
 
-    model: FBCLIP
+    model: AnomalyModel
     optimizer: torch.optim.Adam
     scaler: torch.amp.GradScaler
     names: list[str]
@@ -459,7 +464,7 @@ def _train_epoch(
     loader = _loader(dataset, config, epoch, device)
     steps = len(loader) if config.max_steps is None else min(len(loader), config.max_steps)
     progress.start(epoch, config.epochs, steps)
-    sums = dict.fromkeys(LOSS_NAMES, 0.0)
+    sums: dict[str, float] = {}
     images = 0
     started = time.perf_counter()
     run.model.train()
@@ -479,23 +484,13 @@ def _train_epoch(
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.global_step += 1
-        values = {k: float(v.detach()) for k, v in _terms_dict(terms).items()}
+        values = terms.as_floats()
         for key, value in values.items():
-            sums[key] += value * len(labels)
+            sums[key] = sums.get(key, 0.0) + value * len(labels)
         images += len(labels)
         progress.advance(values)
     means = {k: v / max(images, 1) for k, v in sums.items()}
     return EpochLog(epoch, steps, images, round(time.perf_counter() - started, 3), means)
-
-
-def _terms_dict(terms: LossTerms) -> dict[str, torch.Tensor]:
-    return {
-        "focal_image": terms.focal_image,
-        "focal_pixel": terms.focal_pixel,
-        "dice": terms.dice,
-        "scr": terms.scr,
-        "total": terms.total,
-    }
 
 
 def epoch_folder(out: Path, epoch: int) -> Path:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fbclip_edge import FBClipError, create_model
-from fbclip_edge.model import FBCLIP, FBCLIPConfig, backbone_config
-from fbclip_edge.model.backbone import resize_positional_embedding
-from fbclip_edge.model.config import default_feature_layers
+from fbclip_edge.clip import backbone_config
+from fbclip_edge.clip.backbone import resize_positional_embedding
+from fbclip_edge.methods.fbclip import FBCLIP, FBCLIPConfig
+from fbclip_edge.methods.fbclip.config import default_feature_layers
 
 NAMES = ["ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "tiny"]
 

@@ -125,7 +125,7 @@ def lookup(data, path: str) -> list:
 def test_json_has_every_documented_field(run):
     results, files = run
     data = json.loads(files.json.read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert data["schema_version"] == harness.SCHEMA_VERSION == 1
+    assert data["schema_version"] == harness.SCHEMA_VERSION == 2
     fields = documented_fields()
     assert len(fields) > 60
     for path in fields:
@@ -178,7 +178,7 @@ def test_stages_and_derived_numbers(run):
     stage_sum = sum(s.p50_ms for s in base.stages.values() if s is not None)
     assert 0 < stage_sum <= base.pipeline.max_ms * 4
     assert base.pipeline.throughput_min <= base.pipeline.throughput <= base.pipeline.throughput_max
-    flops = results.model.flops_total
+    flops = results.model_info("fbclip").flops_total
     assert base.achieved_tflops == pytest.approx(flops * 2 / (base.model_p50_ms / 1e3) / 1e12)
     ceiling = results.ceilings[0]
     assert ceiling.dtype == "float32" and ceiling.tflops > 0
@@ -356,7 +356,7 @@ def _in_issue_setting(results, gpu_name="NVIDIA H100 80GB HBM3"):
     gpu = GpuInfo(0, gpu_name, 80 << 30, 132, "9.0")
     return replace(
         results,
-        model=replace(results.model, backbone="ViT-L-14-336", image_size=518),
+        models=[replace(m, backbone="ViT-L-14-336", image_size=518) for m in results.models],
         device=replace(results.device, gpu=gpu),
     )
 
@@ -387,7 +387,7 @@ def test_target_verdicts_in_the_issue_setting(run):
 
     results, _ = run
     fast = results.measurements[0]
-    flops = results.model.flops_total
+    flops = results.model_info("fbclip").flops_total
 
     def row(batch, p50_ms, throughput, speedup, ceiling_tflops):
         pipeline = replace(fast.pipeline, p50_ms=p50_ms, throughput=throughput)
@@ -421,8 +421,9 @@ def test_target_verdicts_in_the_issue_setting(run):
 def test_baseline_is_retimed_and_its_drift_reported(run):
     results, files = run
     assert results.config["recheck_baseline"] is True
-    assert set(results.baseline_drift) == {"1", "2"}
-    assert all(abs(value) < 10 for value in results.baseline_drift.values())
+    assert set(results.baseline_drift) == {"fbclip"}
+    assert set(results.baseline_drift["fbclip"]) == {"1", "2"}
+    assert all(abs(value) < 10 for value in results.baseline_drift["fbclip"].values())
     # the re-timed pass adds no rows: one baseline row per batch, speedups against it
     assert [m.batch for m in results.measurements if m.backend == BASELINE] == [1, 2]
     assert any("timed again after the other backends" in note for note in results.notes)

@@ -23,9 +23,9 @@ from fbclip_edge.bench.kernels import (
     score_bytes,
     time_ms,
 )
-from fbclip_edge.model.backbone import backbone_config
-from fbclip_edge.model.config import FBCLIPConfig
-from fbclip_edge.model.flops import forward_flops
+from fbclip_edge.clip.backbone import backbone_config
+from fbclip_edge.methods.fbclip.config import FBCLIPConfig
+from fbclip_edge.methods.fbclip.flops import forward_flops
 
 TINY = BenchShape("tiny", maps=2, tokens=17, dim=8, image=12)
 

@@ -11,16 +11,16 @@ import pytest
 from PIL import Image
 
 from fbclip_edge import FBClipError, create_model
-from fbclip_edge.calibrate import (
+from fbclip_edge.data.synthetic import make_synthetic
+from fbclip_edge.line.calibrate import (
     calibrate_scores,
     order_statistic_threshold,
     read_calibration,
     write_calibration,
 )
-from fbclip_edge.data.synthetic import make_synthetic
-from fbclip_edge.detector import Detector
-from fbclip_edge.overlay import contour, overlay_panel
-from fbclip_edge.predict import collect_inputs, predict_files
+from fbclip_edge.line.detector import Detector
+from fbclip_edge.line.overlay import contour, overlay_panel
+from fbclip_edge.line.predict import collect_inputs, predict_files
 from fbclip_edge.runtime import TorchBackend
 
 

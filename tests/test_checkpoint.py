@@ -194,7 +194,7 @@ def test_fixture_files_are_untouched_by_import(tmp_path, fixture_dir):
 
 
 def test_load_skips_random_init_but_computes_unsaved_buffers(tmp_path):
-    from fbclip_edge.model import FBCLIP
+    from fbclip_edge.methods.fbclip import FBCLIP
 
     model = create_model("tiny", image_size=56, seed=3)
     save_model(model, tmp_path / "m")

@@ -10,12 +10,16 @@ from fbclip_edge.demo import run_demo
 
 
 def test_demo_without_fixture_uses_builtin_tiny(tmp_path):
-    result = run_demo(tmp_path / "demo", use_fixture=False, image_size=224, show_progress=False)
+    results = run_demo(
+        tmp_path / "demo", use_fixture=False, image_size=224, show_progress=False,
+        methods=("fbclip",),
+    )
+    (result,) = results
     assert "built-in tiny" in result.source and not result.parity
     rows = result.predictions.rows
     assert len(rows) == 6 and not result.predictions.failed
     assert all(0 < row.score < 1 for row in rows)
-    overlay = Image.open(tmp_path / "demo" / "predictions" / rows[0].overlay)
+    overlay = Image.open(tmp_path / "demo" / "fbclip" / "predictions" / rows[0].overlay)
     assert overlay.size == (3 * 224, 224 + 18)
 
 
@@ -25,13 +29,17 @@ def test_demo_command_reports_parity_and_overlays(fixture_dir, tmp_path):
     assert "reference fixture" in result.output
     assert "match" in result.output and "MISMATCH" not in result.output
     assert "overlays" in result.output
-    assert len(list((tmp_path / "demo" / "predictions" / "overlays").glob("*.png"))) == 6
+    for method in ("fbclip", "anomalyclip"):
+        overlays = tmp_path / "demo" / method / "predictions" / "overlays"
+        assert len(list(overlays.glob("*.png"))) == 6, method
+    assert result.output.count("match") >= 2
 
 
 def test_flops_command_prints_split():
     result = CliRunner().invoke(app, ["flops", "--backbone", "ViT-L-14-336", "--image-size", "518"])
     assert result.exit_code == 0
-    assert "backbone 1013.6 GFLOPs" in result.output and "heads 380.0 GFLOPs" in result.output
+    row = next(line for line in result.output.splitlines() if "FB-CLIP" in line)
+    assert "1013.6" in row and "380.0" in row and "1393.6" in row
 
 
 def test_python_dash_m_runs_the_cli():

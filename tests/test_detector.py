@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from fbclip_edge import FBClipError, create_model
-from fbclip_edge.detector import Detector, Thresholds, split_frames
+from fbclip_edge.line.detector import Detector, Thresholds, split_frames
 from fbclip_edge.runtime import TorchBackend
 
 
@@ -63,7 +63,7 @@ def test_batch_of_mixed_sizes_keeps_each_frames_resolution(detector):
 
 
 def test_one_map_call_per_distinct_frame_size(detector, monkeypatch):
-    import fbclip_edge.detector as detector_module
+    import fbclip_edge.line.detector as detector_module
 
     frames = [_rgb(30, 44), _rgb(64, 20, seed=1), _rgb(30, 44, seed=2), _rgb(64, 20, seed=3)]
     alone = [detector.predict(f)[0] for f in frames]
@@ -150,7 +150,7 @@ def test_open_captures_a_batch_1_cuda_graph_where_the_backend_allows(tmp_path, m
     import json
 
     import fbclip_edge.runtime as runtime
-    from fbclip_edge.calibrate import calibrate_scores, write_calibration
+    from fbclip_edge.line.calibrate import calibrate_scores, write_calibration
 
     captured = []
 
@@ -178,7 +178,7 @@ def test_open_captures_a_batch_1_cuda_graph_where_the_backend_allows(tmp_path, m
 def test_device_side_preprocessing_matches_the_host_path():
     """The GPU path (resize on the backend's device), run on CPU tensors, agrees with the
     PIL reference to a few grey levels and keeps every frame's size."""
-    from fbclip_edge.detector import preprocess_on_device, preprocess_on_host
+    from fbclip_edge.line.detector import preprocess_on_device, preprocess_on_host
 
     frames = [_rgb(30, 44), torch.from_numpy(_rgb(64, 20, seed=1)), _rgb(56, 56, seed=2)[..., 0]]
     device_side, sizes = preprocess_on_device(frames, 56, torch.device("cpu"))

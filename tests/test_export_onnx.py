@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -14,22 +13,23 @@ import torch
 from rich.console import Console
 
 from fbclip_edge import FBClipError, create_model, save_model
-from fbclip_edge.export import export_artifacts, parity_table
-from fbclip_edge.export.manifest import read_manifest
-from fbclip_edge.export.mixed_precision import FP16_OPS, FP32_OPS
-from fbclip_edge.export.onnx_graph import (
-    TENSORRT_ONNX_OPS,
-    check_graph,
-    save_graph,
-    unsupported_by_tensorrt,
-)
-from fbclip_edge.export.options import (
+from fbclip_edge.artifacts.manifest import read_manifest
+from fbclip_edge.artifacts.options import (
     BatchProfile,
     Precision,
     Target,
     parse_precision,
     parse_scoring,
     parse_targets,
+    tensorrt_usable,
+)
+from fbclip_edge.export import export_artifacts, parity_table
+from fbclip_edge.export.mixed_precision import FP16_OPS, FP32_OPS
+from fbclip_edge.export.onnx_graph import (
+    TENSORRT_ONNX_OPS,
+    check_graph,
+    save_graph,
+    unsupported_by_tensorrt,
 )
 
 SIZE = 112
@@ -227,7 +227,7 @@ def test_parity_failure_fails_the_export_and_writes_nothing(tmp_path, model):
 
 
 def test_trt_target_without_tensorrt_is_one_clear_line(tmp_path, model):
-    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+    if tensorrt_usable():
         pytest.skip("TensorRT is installed and usable here")
     save_model(model, tmp_path / "model")
     with pytest.raises(

@@ -19,15 +19,15 @@ import torch
 
 from fbclip_edge import anomaly_map as public_anomaly_map
 from fbclip_edge import create_model, load, save_model
+from fbclip_edge.artifacts.options import DEFAULT_TOLERANCES, Precision, Tolerance
 from fbclip_edge.bench.backends import BASELINE
 from fbclip_edge.bench.harness import STAGES, BenchConfig, run_bench
 from fbclip_edge.bench.report import write_results
 from fbclip_edge.data import make_synthetic
-from fbclip_edge.detector import Detector, preprocess_on_device, preprocess_on_host
 from fbclip_edge.export import export_artifacts
-from fbclip_edge.export.options import DEFAULT_TOLERANCES, Precision, Tolerance
 from fbclip_edge.export.parity import strict_fp32
 from fbclip_edge.kernels import anomaly_map, backend_info, dispatch
+from fbclip_edge.line.detector import Detector, preprocess_on_device, preprocess_on_host
 from fbclip_edge.preprocess import OPENAI_STD
 from fbclip_edge.runtime import MapScorer, TorchBackend
 from fbclip_edge.runtime import open as open_backend

@@ -81,6 +81,22 @@ def test_score_reference_matches_definition():
     assert score.dtype == patch.dtype == torch.float32
 
 
+def test_prob_sum_reference_matches_definition():
+    """AnomalyCLIP's rule: softmax per map, weighted sum of abnormal probabilities; the image
+    score is map 0's CLS row alone."""
+    maps, text, weights = _score_inputs((2, 3, 5, 8), torch.float64)
+    weights = weights.double()
+    score, patch = score_maps_torch(maps, text, weights, temperature=0.1, rule="prob_sum")
+    unit = maps / maps.norm(dim=-1, keepdim=True)
+    logits = torch.einsum("bmtd,kd->bmtk", unit, text) / 0.1
+    prob = torch.sigmoid(logits[..., 1] - logits[..., 0])
+    expected_patch = torch.einsum("bmt,m->bt", prob[:, :, 1:], weights).float()
+    torch.testing.assert_close(score, prob[:, 0, 0].float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(patch, expected_patch, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unknown scoring rule"):
+        score_maps_torch(maps, text, weights, rule="mean")
+
+
 def _scipy_map(grid, size, sigma):
     up = F.interpolate(grid[:, None].double(), size=size, mode="bilinear", align_corners=False)
     up = up[:, 0].numpy()
@@ -208,15 +224,16 @@ def test_child_runs_interpreted(interp):
     assert info.triton_mode == "interpreted"
 
 
+@pytest.mark.parametrize("rule", ["logit_sum", "prob_sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SCORE_SHAPES)
-def test_triton_score_matches_torch(interp, shape, dtype):
+def test_triton_score_matches_torch(interp, shape, dtype, rule):
     maps, text, weights = _score_inputs(shape, dtype)
     (score, patch), sent = interp(
-        SCORE, maps, text, weights, 0.07, out=_poisoned_score_out(shape[0], shape[2])
+        SCORE, maps, text, weights, 0.07, rule, out=_poisoned_score_out(shape[0], shape[2])
     )
     assert score is sent["out"][0] and patch is sent["out"][1]
-    want_score, want_patch = score_maps_torch(maps, text, weights, 0.07)
+    want_score, want_patch = score_maps_torch(maps, text, weights, 0.07, rule)
     assert torch.isfinite(score).all() and torch.isfinite(patch).all()
     torch.testing.assert_close(score, want_score, atol=TOL[dtype], rtol=0)
     torch.testing.assert_close(patch, want_patch, atol=TOL[dtype], rtol=0)

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from fbclip_edge import FBClipError, create_model, save_model
-from fbclip_edge.export import export_artifacts
-from fbclip_edge.export.manifest import (
+from fbclip_edge.artifacts.manifest import (
     MANIFEST,
     ArtifactError,
     EngineSpec,
@@ -22,7 +21,8 @@ from fbclip_edge.export.manifest import (
     verify_files,
     write_manifest,
 )
-from fbclip_edge.export.options import BatchProfile, GraphRole, Precision, Scoring
+from fbclip_edge.artifacts.options import BatchProfile, GraphRole, Precision, Scoring
+from fbclip_edge.export import export_artifacts
 from fbclip_edge.runtime import open as open_backend
 from fbclip_edge.runtime.tensorrt import engine_mismatch
 

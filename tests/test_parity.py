@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fbclip_edge import anomaly_map
-from fbclip_edge.model.losses import fbclip_losses
+from fbclip_edge.methods.fbclip.losses import fbclip_losses
 
 TOL = 1e-5
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from flopcount import count_flops, sdpa_flops
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 from fbclip_edge import FBClipError, create_model, preprocess
-from fbclip_edge.model import FBCLIPConfig, backbone_config
-from fbclip_edge.model.flops import forward_flops
+from fbclip_edge.clip import backbone_config
+from fbclip_edge.methods.fbclip import FBCLIPConfig
+from fbclip_edge.methods.fbclip.flops import forward_flops
 from fbclip_edge.preprocess import OPENAI_MEAN, OPENAI_STD
 
 
@@ -55,9 +58,27 @@ def test_batch_array_input():
 @pytest.mark.parametrize("size", [224, 280])
 def test_analytic_flops_equal_torch_flop_counter(size):
     model = create_model("tiny", image_size=size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, size, size))
-    assert forward_flops(model.config).total == counter.get_total_flops()
+    pixels = torch.randn(1, 3, size, size)
+    counted, by_formula = count_flops(lambda: model(pixels))
+    assert forward_flops(model.config).total == counted, f"attention ops by formula: {by_formula}"
+
+
+def test_flop_check_catches_one_attention_block_too_many_or_few():
+    """The check bites: counting one backbone block more or less is off by a block's FLOPs."""
+    model = create_model("tiny", image_size=224)
+    pixels = torch.randn(1, 3, 224, 224)
+    counted, _ = count_flops(lambda: model(pixels))
+    layers = model.config.feature_layers
+    fewer = dataclasses.replace(model.config, feature_layers=(*layers[:-1], layers[-1] - 1))
+    assert forward_flops(fewer).total != counted
+
+
+def test_sdpa_formula_matches_torch_where_torch_counts_it():
+    """Our attention formula equals torch's own for the SDPA variant torch does register."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    q, k, v = (2, 3, 10, 8), (2, 3, 12, 8), (2, 3, 12, 5)
+    assert sdpa_flops(q, k, v) == sdpa_flop_count(q, k, v)
 
 
 def test_vit_l_14_336_at_518_flops_split():

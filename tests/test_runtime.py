@@ -3,13 +3,12 @@ and explains; the authors' fixture at 518 px matches at batch 1, 2, 3 and 8."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 
 from fbclip_edge import FBClipError, create_model, save_model
+from fbclip_edge.artifacts.options import tensorrt_usable
 from fbclip_edge.export import export_artifacts
 from fbclip_edge.runtime import Backend, TorchBackend
 from fbclip_edge.runtime import open as open_backend
@@ -129,7 +128,7 @@ def test_bad_options_are_clear_errors(artifacts):
 
 
 def test_tensorrt_backend_without_tensorrt_is_a_clear_error(artifacts):
-    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+    if tensorrt_usable():
         pytest.skip("TensorRT is usable here")
     with pytest.raises(FBClipError, match=r"fbclip-edge\[trt\]"):
         open_backend(artifacts, backend="tensorrt")

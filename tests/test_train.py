@@ -10,7 +10,7 @@ import torch
 from fbclip_edge import create_model, load
 from fbclip_edge.data import make_synthetic
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.model.losses import fbclip_losses
+from fbclip_edge.methods.fbclip.losses import fbclip_losses
 from fbclip_edge.train import (
     STATE_FILE,
     TrainConfig,

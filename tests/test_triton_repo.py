@@ -6,8 +6,8 @@ import pytest
 from google.protobuf import text_format
 
 from fbclip_edge import create_model, save_model
+from fbclip_edge.artifacts.manifest import read_manifest, verify_files
 from fbclip_edge.export import export_artifacts
-from fbclip_edge.export.manifest import read_manifest, verify_files
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fbclip_edge.artifacts.options import tensorrt_installed
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime import Backend, TorchBackend
 
@@ -104,7 +105,7 @@ def _exported_reason(name: str, cuda: bool) -> str | None:
     if name == "tensorrt":
         if not cuda:
             return "needs a CUDA GPU"
-        if importlib.util.find_spec("tensorrt") is None:
+        if not tensorrt_installed():
             return "the tensorrt Python package is not installed (pip install fbclip-edge[trt])"
     return exported_unavailable()
 

@@ -140,7 +140,7 @@ def package_versions() -> dict[str, str | None]:
     if versions["tensorrt"] is None:
         # Jetson installs TensorRT from apt: importable, but without pip metadata.
         with contextlib.suppress(Exception):
-            import tensorrt  # type: ignore[import-not-found]
+            import tensorrt
 
             versions["tensorrt"] = str(tensorrt.__version__)
     return versions

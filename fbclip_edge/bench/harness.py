@@ -46,10 +46,11 @@ from fbclip_edge.bench.device import (
 )
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.kernels import anomaly_map
-from fbclip_edge.model.flops import forward_flops
+from fbclip_edge.methods import METHODS, get_method
 from fbclip_edge.preprocess import preprocess, preprocess_tensor
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DEFAULT_METHODS = ("fbclip",)
 STAGES = ("preprocess", "network", "scoring", "map")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,6 +61,9 @@ class BenchConfig:
 
     model / artifacts: a model folder and/or an exported artifacts folder; with neither, a
     random-weight `backbone` model (timings do not depend on the weights' values).
+    methods: registry names (fbclip_edge.methods) timed one after another in the same run,
+    each on its own model of the same backbone, size and seed; with a folder, exactly the
+    method it holds.
     image_size: network input side (default: the model folder's, else 224).
     backends: names from ALL_BACKENDS; None runs every backend available here.
     iters: timed iterations per backend and batch, split into `repeats` contiguous groups
@@ -75,6 +79,7 @@ class BenchConfig:
 
     model: Path | None = None
     artifacts: Path | None = None
+    methods: tuple[str, ...] = DEFAULT_METHODS
     backbone: str = "tiny"
     image_size: int | None = None
     backends: tuple[str, ...] | None = None
@@ -112,12 +117,13 @@ class StageStats:
 
 @dataclass
 class Measurement:
-    """One backend at one batch size.
+    """One method's model on one backend at one batch size.
 
     pipeline: uint8 frames on the host -> image scores and full-size anomaly maps on the host.
     stages: preprocess, network, scoring (None when the backend scores inside its graph), map.
     model_*: network + scoring, the part FLOPs are counted for.
-    speedup / model_speedup: throughput over torch-eager-fp32's at the same batch, same run.
+    speedup / model_speedup: throughput over the same method's torch-eager-fp32 at the same
+    batch, same run (never across methods: they do different amounts of work).
     other_cpu_share: share of the machine's CPU other processes took while this was timed.
     """
 
@@ -139,11 +145,13 @@ class Measurement:
     warmup_seconds: float
     other_cpu_share: float | None = None
     power_mw: dict[str, float] | None = None
+    method: str = "fbclip"
 
 
 @dataclass
 class BackendResult:
-    """A backend's fate in this run: ok, skipped (with the reason) or failed (with the error)."""
+    """A backend's fate for one method in this run: ok, skipped (with the reason) or failed
+    (with the error)."""
 
     name: str
     status: str
@@ -154,12 +162,16 @@ class BackendResult:
     setup_seconds: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
     batch_failures: dict[str, str] = field(default_factory=dict)
+    method: str = "fbclip"
 
 
 @dataclass
 class ModelInfo:
-    """The network measured; FLOPs are analytic (fbclip_edge.model.flops) per image."""
+    """One method's network as measured; FLOPs per image are the method's analytic count
+    (MethodSpec.flops), so TFLOP/s compare fairly across methods."""
 
+    method: str
+    title: str
     source: str
     backbone: str
     image_size: int
@@ -179,19 +191,31 @@ class BenchResults:
     started_at: str
     duration_seconds: float
     config: dict[str, Any]
-    model: ModelInfo
+    models: list[ModelInfo]
     device: DeviceInfo
     ceilings: list[MatmulCeiling]
     backends: list[BackendResult]
     measurements: list[Measurement]
     notes: list[str]
     load_average_at_end: tuple[float, float, float] | None = None
-    baseline_drift: dict[str, float] | None = None
+    baseline_drift: dict[str, dict[str, float]] | None = None
 
-    def measurement(self, backend: str, batch: int) -> Measurement | None:
-        """The row for backend at batch, if it was measured."""
+    @property
+    def methods(self) -> list[str]:
+        """The methods of this run, in the order they were timed."""
+        return [info.method for info in self.models]
+
+    def model_info(self, method: str) -> ModelInfo | None:
+        """The measured network of `method`, if the run timed it."""
+        return next((info for info in self.models if info.method == method), None)
+
+    def measurement(
+        self, backend: str, batch: int, method: str | None = None
+    ) -> Measurement | None:
+        """The row for method's backend at batch (method None: the run's first method)."""
+        wanted = method or (self.models[0].method if self.models else None)
         for row in self.measurements:
-            if row.backend == backend and row.batch == batch:
+            if row.method == wanted and row.backend == backend and row.batch == batch:
                 return row
         return None
 
@@ -211,6 +235,17 @@ def parse_batches(text: str) -> tuple[int, ...]:
     if not batches or min(batches) < 1:
         raise FBClipError(f"--batch '{text}' needs positive batch sizes, e.g. 1,8,32")
     return batches
+
+
+def parse_methods(text: str | None) -> tuple[str, ...] | None:
+    """'fbclip,anomalyclip' -> names; 'all' -> every registered one; None or '' -> None
+    (the folder's method, else fbclip)."""
+    if text is None or not text.strip():
+        return None
+    if text.strip().lower() == "all":
+        return tuple(sorted(METHODS))
+    names = [get_method(part.strip()).name for part in text.split(",") if part.strip()]
+    return tuple(dict.fromkeys(names))
 
 
 def parse_backends(text: str | None) -> tuple[str, ...] | None:
@@ -256,10 +291,11 @@ def stage_stats(samples_ms: Sequence[float], batch: int, repeats: int) -> StageS
 
 
 def add_speedups(measurements: list[Measurement]) -> None:
-    """Fill speedup columns from the torch-eager-fp32 row at the same batch (None without it)."""
-    baseline = {m.batch: m for m in measurements if m.backend == BASELINE}
+    """Fill speedup columns from the same method's torch-eager-fp32 row at the same batch
+    (None without it)."""
+    baseline = {(m.method, m.batch): m for m in measurements if m.backend == BASELINE}
     for row in measurements:
-        base = baseline.get(row.batch)
+        base = baseline.get((row.method, row.batch))
         if base is None:
             row.speedup = row.model_speedup = None
             continue
@@ -419,6 +455,7 @@ def measure(
     config: BenchConfig,
     image_size: int,
     power: PowerSampler,
+    method: str,
 ) -> tuple[Measurement, str]:
     """Warm up, then time `config.iters` iterations of one backend at one batch size."""
     kind, pre, hold = _preprocessor(config.preprocess, image_size, backend.device)
@@ -478,6 +515,7 @@ def measure(
         warmup_seconds=warmup_seconds,
         other_cpu_share=other_cpu_share(cpu_start, cpu_end),
         power_mw=power.mean_mw(window_start, window_end),
+        method=method,
     )
     return row, kind
 
@@ -489,27 +527,28 @@ def _model_from_artifacts(artifacts: Path, seed: int) -> tuple[Any, str]:
     """The torch model behind an artifacts folder, for the baseline: the model folder the
     manifest names when it is still there, else the same architecture with random weights
     (speed does not depend on the weights' values)."""
+    from fbclip_edge.artifacts.manifest import read_manifest
     from fbclip_edge.checkpoint import load
-    from fbclip_edge.export.manifest import read_manifest
-    from fbclip_edge.model import FBCLIP, FBCLIPConfig
+    from fbclip_edge.methods import get_method
 
     manifest = read_manifest(artifacts)
     folder = Path(manifest.model.path) if manifest.model.path else None
     if folder is not None and folder.is_dir():
         return load(folder), f"model folder {folder} (from {artifacts})"
     torch.manual_seed(seed)
-    config = FBCLIPConfig.from_dict(manifest.model.config)
+    spec = get_method(manifest.method)
+    config = spec.config_from_dict(manifest.model.config)
     config = dataclasses.replace(config, image_size=manifest.image_size)
     source = (
         f"{manifest.model.backbone} architecture of {artifacts}, random weights "
         f"(seed {seed}) for the torch backends"
     )
-    return FBCLIP(config).eval(), source
+    return spec.build(config).eval(), source
 
 
-def _load_model(config: BenchConfig) -> tuple[Any, str]:
-    """The torch model to time (and export): a model folder, the model behind --artifacts,
-    or random weights by backbone name."""
+def _load_model(config: BenchConfig, method: str) -> tuple[Any, str]:
+    """The torch model of `method` to time (and export): a model folder, the model behind
+    --artifacts, or random weights by backbone name."""
     from fbclip_edge.checkpoint import load
     from fbclip_edge.factory import create_model
 
@@ -519,7 +558,7 @@ def _load_model(config: BenchConfig) -> tuple[Any, str]:
         model, source = _model_from_artifacts(config.artifacts, config.seed)
     else:
         size = config.image_size or 224
-        model = create_model(config.backbone, image_size=size, seed=config.seed)
+        model = create_model(config.backbone, image_size=size, seed=config.seed, method=method)
         return model, f"{config.backbone}, random weights (seed {config.seed})"
     if config.image_size and config.image_size != model.config.image_size:
         # Positional embeddings are resized on the fly, so any valid side runs.
@@ -527,6 +566,43 @@ def _load_model(config: BenchConfig) -> tuple[Any, str]:
         model.config = dataclasses.replace(model.config, image_size=config.image_size)
         model.config.validate()
     return model, source
+
+
+def folder_methods(model: Path | None, artifacts: Path | None) -> list[tuple[str, Path]]:
+    """(method, folder) for the model folder and the artifacts folder given, in that order:
+    a folder holds one method's model, so it decides what can be timed."""
+    from fbclip_edge.artifacts.manifest import read_manifest
+    from fbclip_edge.checkpoint import read_config
+    from fbclip_edge.methods.base import method_of_folder
+
+    found = []
+    if model is not None:
+        found.append((method_of_folder(read_config(model)[1]), model))
+    if artifacts is not None:
+        found.append((read_manifest(artifacts).method, artifacts))
+    return found
+
+
+def resolve_methods(config: BenchConfig) -> tuple[str, ...]:
+    """config.methods as registry names; with a folder they must be exactly its method,
+    since a folder's weights cannot stand in for another method's model."""
+    if not config.methods:
+        raise FBClipError(f"--method needs a method; use one of: {', '.join(sorted(METHODS))}")
+    names = tuple(dict.fromkeys(get_method(name).name for name in config.methods))
+    found = folder_methods(config.model, config.artifacts)
+    if len({method for method, _ in found}) > 1:
+        (model_method, model_dir), (art_method, art_dir) = found
+        raise FBClipError(
+            f"{model_dir} holds a {model_method} model but {art_dir} was exported from "
+            f"{art_method}; pass folders of the same method"
+        )
+    if found and names != (found[0][0],):
+        method, folder = found[0]
+        raise FBClipError(
+            f"--method {','.join(names)} disagrees with {folder}, which holds a {method} "
+            f"model; drop --method or pass --method {method}"
+        )
+    return names
 
 
 def _select_backends(config: BenchConfig) -> tuple[list[str], dict[str, str], list[str]]:
@@ -560,13 +636,17 @@ def _device_for(name: str) -> torch.device:
 
 
 class _Artifacts:
-    """The artifacts folder exported backends open: the user's, or one export per run."""
+    """The artifacts folder one method's exported backends open: the user's, or one export
+    of that method's model per run."""
 
-    def __init__(self, model: Any, config: BenchConfig, names: list[str], scratch: Path) -> None:
+    def __init__(
+        self, model: Any, config: BenchConfig, names: list[str], scratch: Path, method: str
+    ) -> None:
         self.model = model
         self.config = config
         self.plan = export_plan([n for n in names if n in EXPORTED_BACKENDS], config.batches)
         self.scratch = scratch
+        self.method = method
         self.made: Path | None = None
         self.export_seconds: float | None = None
 
@@ -588,9 +668,9 @@ class _Artifacts:
             return None
         plan = self.plan
         return (
-            f"exported for this run: {plan.precision}, targets {plan.targets}, batch "
-            f"profile {plan.batch_profile}, kernel scoring; took {self.export_seconds:.1f} s "
-            "(not part of any timing)"
+            f"exported for this run ({self.method}): {plan.precision}, targets {plan.targets}, "
+            f"batch profile {plan.batch_profile}, kernel scoring; took "
+            f"{self.export_seconds:.1f} s (not part of any timing)"
         )
 
 
@@ -606,12 +686,31 @@ def default_command() -> str:
 
 
 @dataclass
-class _Run:
-    """State shared by every backend of one run: model, exports, ceilings, power samples."""
+class _Target:
+    """One method's model under test, with the artifacts its exported backends open."""
 
-    config: BenchConfig
+    method: str
     model: Any
     artifacts: _Artifacts
+    flops: int  # per image, network + scoring
+
+
+@dataclass
+class _MethodOutcome:
+    """What timing one method produced, merged into the run's results."""
+
+    info: ModelInfo
+    backends: list[BackendResult]
+    measurements: list[Measurement]
+    drift: dict[str, float] | None
+    export_note: str | None
+
+
+@dataclass
+class _Run:
+    """State shared by every method and backend of one run: ceilings, power samples."""
+
+    config: BenchConfig
     power: PowerSampler
     say: Callable[[str], None]
     ceilings: dict[tuple[str, str], MatmulCeiling | None] = field(default_factory=dict)
@@ -628,35 +727,61 @@ class _Run:
             self.ceilings[key] = measure_matmul_ceiling(device, dtype)
         return self.ceilings[key]
 
-    def backend(self, name: str) -> tuple[BackendResult, list[Measurement]]:
+    def method(self, method: str, chosen: list[str], skipped: dict[str, str]) -> _MethodOutcome:
+        """Every chosen backend on `method`'s model, baseline first, then the baseline again
+        for this method's drift; the model and its export are gone when this returns."""
+        model, source = _load_model(self.config, method)
+        _check_artifacts(self.config, model)
+        info = _model_info(model, method, source)
+        results = [BackendResult(n, "skipped", r, method=method) for n, r in skipped.items()]
+        rows: list[Measurement] = []
+        drift = None
+        with tempfile.TemporaryDirectory(prefix=f"fbclip-bench-{method}-") as scratch:
+            artifacts = _Artifacts(model, self.config, chosen, Path(scratch), method)
+            target = _Target(method, model, artifacts, info.flops_total)
+            for name in chosen:
+                result, measured = self.backend(name, target)
+                results.append(result)
+                rows.extend(measured)
+                _release()
+            if self.config.recheck_baseline and len(chosen) > 1 and BASELINE in chosen:
+                self.say(f"{method} {BASELINE}: timing again, for the machine's drift")
+                _, again = self.backend(BASELINE, target)
+                drift = baseline_drift(rows, again)
+                _release()
+            export_note = artifacts.note()
+        return _MethodOutcome(info, results, rows, drift, export_note)
+
+    def backend(self, name: str, target: _Target) -> tuple[BackendResult, list[Measurement]]:
         """Build and measure one backend at every batch size; failures become reasons."""
-        result = BackendResult(name, "ok")
+        label = f"{target.method} {name}"
+        result = BackendResult(name, "ok", method=target.method)
         try:
-            self.say(f"{name}: preparing")
-            backend = _build(name, self.model, self.artifacts)
+            self.say(f"{label}: preparing")
+            backend = _build(name, target.model, target.artifacts)
         except Exception as error:  # one broken backend must not end the run
             result.status, result.reason = "failed", _one_line(error)
-            self.say(f"{name}: failed ({result.reason})")
+            self.say(f"{label}: failed ({result.reason})")
             return result, []
         result.device, result.precision = str(backend.device), backend.precision
         result.kernel_impl = backend.kernel_impl
         result.setup_seconds = backend.setup_seconds
         result.details = dict(backend.details)
         ceiling = self.ceiling(backend.device, backend.precision)
-        flops = forward_flops(self.model.config).total
+        image_size = target.model.config.image_size
         rows: list[Measurement] = []
         for batch in self.config.batches:
-            self.say(f"{name}: batch {batch}")
+            self.say(f"{label}: batch {batch}")
             try:
                 row, kind = measure(
-                    backend, batch, self.config, self.model.config.image_size, self.power
+                    backend, batch, self.config, image_size, self.power, target.method
                 )
             except Exception as error:  # e.g. out of memory at the largest batch
                 result.batch_failures[str(batch)] = _one_line(error)
-                self.say(f"{name}: batch {batch} failed ({_one_line(error)})")
+                self.say(f"{label}: batch {batch} failed ({_one_line(error)})")
                 continue
             self.preprocess_kinds.add(kind)
-            row.achieved_tflops = flops * batch / (row.model_p50_ms / 1e3) / 1e12
+            row.achieved_tflops = target.flops * batch / (row.model_p50_ms / 1e3) / 1e12
             if ceiling is not None:
                 row.ceiling_tflops = ceiling.tflops
                 row.ceiling_percent = 100.0 * row.achieved_tflops / ceiling.tflops
@@ -667,9 +792,13 @@ class _Run:
         return result, rows
 
 
-def _model_info(model: Any, source: str) -> ModelInfo:
-    flops = forward_flops(model.config)
+def _model_info(model: Any, method: str, source: str) -> ModelInfo:
+    """The measured network, with FLOPs from the method's own analytic count."""
+    spec = get_method(method)
+    flops = spec.flops(model.config)
     return ModelInfo(
+        method=spec.name,
+        title=spec.title,
         source=source,
         backbone=model.config.backbone.name,
         image_size=model.config.image_size,
@@ -686,7 +815,7 @@ def _check_artifacts(config: BenchConfig, model: Any) -> None:
     different amounts of work."""
     if config.artifacts is None:
         return
-    from fbclip_edge.export.manifest import read_manifest
+    from fbclip_edge.artifacts.manifest import read_manifest
 
     size = read_manifest(config.artifacts).image_size
     if size != model.config.image_size:
@@ -706,62 +835,59 @@ def _check(config: BenchConfig) -> None:
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> BenchResults:
-    """Measure every selected backend at every batch size; never drops a backend silently.
+    """Measure every selected backend at every batch size for every method; never drops a
+    backend silently.
 
-    Backends run one after another (baseline first) and each is released before the next,
-    so none measures in another's memory pressure.
+    Methods run one after another, each with its own eager baseline first, so every speedup
+    is against the same model; backends run one at a time and each is released before the
+    next, so none measures in another's memory pressure.
     """
     _check(config)
+    methods = resolve_methods(config)
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     device_info = describe_device()
-    model, source = _load_model(config)
-    _check_artifacts(config, model)
     chosen, skipped, notes = _select_backends(config)
-    results = [BackendResult(name, "skipped", reason) for name, reason in skipped.items()]
-    measurements: list[Measurement] = []
+    outcomes: list[_MethodOutcome] = []
     power = PowerSampler().start()
+    run = _Run(config, power, log or (lambda _message: None))
     try:
-        with tempfile.TemporaryDirectory(prefix="fbclip-bench-") as scratch:
-            artifacts = _Artifacts(model, config, chosen, Path(scratch))
-            run = _Run(config, model, artifacts, power, log or (lambda _message: None))
-            for name in chosen:
-                result, rows = run.backend(name)
-                results.append(result)
-                measurements.extend(rows)
-                _release()
-            drift = None
-            if config.recheck_baseline and len(chosen) > 1 and BASELINE in chosen:
-                run.say(f"{BASELINE}: timing again, for the machine's drift")
-                _, again = run.backend(BASELINE)
-                drift = baseline_drift(measurements, again)
-                _release()
-            export_note = artifacts.note()
-            if export_note:
-                notes.append(export_note)
+        for method in methods:
+            outcomes.append(run.method(method, chosen, skipped))
+            _release()
     finally:
         power.stop()
+    measurements = [row for outcome in outcomes for row in outcome.measurements]
     add_speedups(measurements)
+    notes.extend(o.export_note for o in outcomes if o.export_note)
     notes.extend(_standard_notes(run.preprocess_kinds))
     notes.extend(_contention_notes(measurements))
-    notes.extend(drift_notes(measurements, drift))
-    order = {name: index for index, name in enumerate(ALL_BACKENDS)}
-    results.sort(key=lambda r: order.get(r.name, len(order)))
+    drift = {o.info.method: o.drift for o in outcomes if o.drift is not None}
+    for outcome in outcomes:
+        label = outcome.info.method if len(methods) > 1 else None
+        notes.extend(drift_notes(outcome.measurements, outcome.drift, label))
     return BenchResults(
         schema_version=SCHEMA_VERSION,
         command=config.command or default_command(),
         started_at=started_at,
         duration_seconds=time.perf_counter() - started,
         config=_config_dict(config),
-        model=_model_info(model, source),
+        models=[outcome.info for outcome in outcomes],
         device=device_info,
         ceilings=[c for c in run.ceilings.values() if c is not None],
-        backends=results,
+        backends=_ordered([b for outcome in outcomes for b in outcome.backends], methods),
         measurements=measurements,
         notes=notes,
         load_average_at_end=load_average(),
-        baseline_drift=drift,
+        baseline_drift=drift or None,
     )
+
+
+def _ordered(results: list[BackendResult], methods: tuple[str, ...]) -> list[BackendResult]:
+    """Backends grouped by method (in run order), each group in ALL_BACKENDS order."""
+    order = {name: index for index, name in enumerate(ALL_BACKENDS)}
+    rank = {method: index for index, method in enumerate(methods)}
+    return sorted(results, key=lambda r: (rank.get(r.method, 0), order.get(r.name, len(order))))
 
 
 def _release() -> None:
@@ -774,30 +900,37 @@ def _release() -> None:
 def baseline_drift(first: list[Measurement], again: list[Measurement]) -> dict[str, float]:
     """Per batch: the re-timed baseline's pipeline throughput over the first one's, minus 1.
 
-    Both passes bracket every other backend in time, so this is how much the machine alone
-    moved (clocks, neighbours on a shared host) while the others were measured.
+    Both passes bracket every other backend of the method in time, so this is how much the
+    machine alone moved (clocks, neighbours on a shared host) while the others were measured.
     """
-    before = {m.batch: m for m in first if m.backend == BASELINE}
+    before = {(m.method, m.batch): m for m in first if m.backend == BASELINE}
     drift = {}
     for row in again:
-        if row.batch in before:
-            ratio = row.pipeline.throughput / before[row.batch].pipeline.throughput
+        base = before.get((row.method, row.batch))
+        if base is not None:
+            ratio = row.pipeline.throughput / base.pipeline.throughput
             drift[str(row.batch)] = round(ratio - 1.0, 4)
     return drift
 
 
-def drift_notes(measurements: list[Measurement], drift: dict[str, float] | None) -> list[str]:
-    """Say how far the baseline moved, and which speedups that drift could explain."""
+def drift_notes(
+    measurements: list[Measurement], drift: dict[str, float] | None, method: str | None = None
+) -> list[str]:
+    """Say how far the baseline moved, and which speedups that drift could explain; with
+    `method`, only that method's rows count and the notes name it (multi-method runs)."""
     if not drift:
         return []
+    rows = [m for m in measurements if method is None or m.method == method]
     moved = ", ".join(f"{value:+.1%} at batch {batch}" for batch, value in drift.items())
+    whose = f" for {method}" if method else ""
     notes = [
-        f"{BASELINE} timed again after the other backends: its throughput moved {moved}; "
-        "a speedup within that band of 1.00x is not conclusive on this machine"
+        f"{BASELINE} timed again after the other backends{whose}: its throughput moved "
+        f"{moved}; a speedup within that band of 1.00x is not conclusive on this machine"
     ]
+    prefix = f"{method} " if method else ""
     unclear = [
-        f"{m.backend} at batch {m.batch} ({m.speedup:.2f}x)"
-        for m in measurements
+        f"{prefix}{m.backend} at batch {m.batch} ({m.speedup:.2f}x)"
+        for m in rows
         if m.backend != BASELINE
         and m.speedup is not None
         and str(m.batch) in drift
@@ -838,8 +971,8 @@ def _contention_notes(measurements: list[Measurement]) -> list[str]:
         return [f"other processes used at most {worst:.0%} of the CPU while timing"]
     return [
         f"CONTENTION: other processes used up to {worst:.0%} of the CPU while timing "
-        f"({row.backend}, batch {row.batch}); those numbers are slower and noisier than "
-        "on a quiet machine: compare rows with the 'other CPU' column in mind"
+        f"({row.method} {row.backend}, batch {row.batch}); those numbers are slower and "
+        "noisier than on a quiet machine: compare rows with the 'other CPU' column in mind"
     ]
 
 

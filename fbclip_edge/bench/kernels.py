@@ -107,9 +107,9 @@ def projection_fusion_bound(
     image_size: int = 518,
 ) -> ProjectionFusionBound:
     """ProjectionFusionBound for one model at one resolution, from measured device rates."""
-    from fbclip_edge.model.backbone import backbone_config
-    from fbclip_edge.model.config import FBCLIPConfig
-    from fbclip_edge.model.flops import forward_flops
+    from fbclip_edge.clip.backbone import backbone_config
+    from fbclip_edge.methods.fbclip.config import FBCLIPConfig
+    from fbclip_edge.methods.fbclip.flops import forward_flops
 
     config = FBCLIPConfig(backbone=backbone_config(backbone), image_size=image_size)
     tokens = (image_size // config.backbone.patch_size) ** 2 + 1
@@ -201,9 +201,9 @@ def time_ms(
     if device.type != "cuda":
         samples = []
         for _ in range(iters):
-            start = time.perf_counter()
+            started = time.perf_counter()
             fn()
-            samples.append((time.perf_counter() - start) * 1e3)
+            samples.append((time.perf_counter() - started) * 1e3)
         return statistics.median(samples)
     events = []
     for _ in range(iters):

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fbclip_edge.bench import targets
-from fbclip_edge.bench.harness import BenchResults, Measurement
+from fbclip_edge.bench.harness import BenchResults, Measurement, ModelInfo
 from fbclip_edge.fileio import write_atomic, write_text_atomic
 
 JSON_NAME = "results.json"
@@ -86,6 +86,7 @@ def _columns(row: Measurement) -> dict[str, str]:
     """Every summary cell of one row, keyed by column name."""
     pipe = row.pipeline
     return {
+        "method": row.method,
         "backend": row.backend,
         "batch": str(row.batch),
         "iters": str(pipe.iterations),
@@ -109,17 +110,18 @@ def _columns(row: Measurement) -> dict[str, str]:
 
 # Markdown shows everything; the terminal drops columns from the end of TERMINAL_DROP_ORDER
 # until the table fits the console.
-SUMMARY_HEADER = ["backend", "batch", "iters", "img/s", "img/s min-max", "p50 ms", "p90 ms",
-                  "p99 ms", "speedup", "model img/s", "model speedup", "TFLOP/s", "% ceiling",
-                  "GPU peak MiB", "RSS peak MiB", "other CPU"]
-TERMINAL_HEADER = ["backend", "batch", "img/s", "img/s min-max", "p50 ms", "p99 ms", "speedup",
-                   "model img/s", "model speedup", "TFLOP/s", "% ceiling", "memory MiB"]
+SUMMARY_HEADER = ["method", "backend", "batch", "iters", "img/s", "img/s min-max", "p50 ms",
+                  "p90 ms", "p99 ms", "speedup", "model img/s", "model speedup", "TFLOP/s",
+                  "% ceiling", "GPU peak MiB", "RSS peak MiB", "other CPU"]
+TERMINAL_HEADER = ["method", "backend", "batch", "img/s", "img/s min-max", "p50 ms", "p99 ms",
+                   "speedup", "model img/s", "model speedup", "TFLOP/s", "% ceiling",
+                   "memory MiB"]
 TERMINAL_DROP_ORDER = ["img/s min-max", "TFLOP/s", "memory MiB", "model img/s", "p99 ms",
                        "% ceiling"]
 
 
 def summary_rows(results: BenchResults, header: list[str] = SUMMARY_HEADER) -> list[list[str]]:
-    """One row per backend and batch: the numbers people choose a backend by."""
+    """One row per method, backend and batch: the numbers people choose a backend by."""
     return [[_columns(row)[name] for name in header] for row in results.measurements]
 
 
@@ -141,27 +143,35 @@ def fitting_header(results: BenchResults, width: int) -> list[str]:
     return header
 
 
-STAGE_HEADER = ["backend", "batch", "preprocess", "network", "scoring", "map", "pipeline"]
+STAGE_HEADER = ["method", "backend", "batch", "preprocess", "network", "scoring", "map",
+                "pipeline"]
 
 
 def stage_rows(results: BenchResults) -> list[list[str]]:
     """p50 milliseconds per stage: where the time goes."""
     return [
-        [row.backend, str(row.batch), *(_stage_ms(row, s) for s in ("preprocess", "network",
-                                                                    "scoring", "map")),
+        [row.method, row.backend, str(row.batch),
+         *(_stage_ms(row, s) for s in ("preprocess", "network", "scoring", "map")),
          _ms(row.pipeline.p50_ms)]
         for row in results.measurements
     ]
 
 
-def not_measured(results: BenchResults) -> list[tuple[str, str, str]]:
-    """(backend, status, reason) for skipped or failed backends and failed batch sizes."""
-    rows = [(b.name, b.status, b.reason or "") for b in results.backends if b.status != "ok"]
+NOT_MEASURED_HEADER = ["method", "backend", "status", "reason"]
+
+
+def not_measured(results: BenchResults) -> list[tuple[str, str, str, str]]:
+    """(methods, backend, status, reason) for skipped or failed backends and failed batch
+    sizes; one line for what every method shares (a backend skipped on this machine)."""
+    found: dict[tuple[str, str, str], list[str]] = {}
     for backend in results.backends:
-        if backend.status == "ok":
-            rows.extend((backend.name, f"failed at batch {batch}", reason)
-                        for batch, reason in backend.batch_failures.items())
-    return rows
+        if backend.status != "ok":
+            key = (backend.name, backend.status, backend.reason or "")
+            found.setdefault(key, []).append(backend.method)
+        for batch, reason in backend.batch_failures.items() if backend.status == "ok" else ():
+            found.setdefault((backend.name, f"failed at batch {batch}", reason), []).append(
+                backend.method)
+    return [(", ".join(methods), *key) for key, methods in found.items()]
 
 
 def device_line(results: BenchResults) -> str:
@@ -175,11 +185,28 @@ def device_line(results: BenchResults) -> str:
     return cpu
 
 
+def _gflop(flops: int) -> str:
+    return f"{flops / 1e9:.3g}"
+
+
 def model_line(results: BenchResults) -> str:
-    """Backbone, input size and FLOPs per image."""
-    model = results.model
-    return (f"{model.backbone} @ {model.image_size} px, {model.source}; "
-            f"{model.flops_total / 1e9:.1f} GFLOP per image")
+    """Backbone, input size, where the weights came from and each method's FLOPs per image."""
+    if not results.models:
+        return "no model"
+    first = results.models[0]
+    sources = "; ".join(dict.fromkeys(info.source for info in results.models))
+    flops = ", ".join(f"{info.method} {_gflop(info.flops_total)}" for info in results.models)
+    return f"{first.backbone} @ {first.image_size} px, {sources}; GFLOP per image: {flops}"
+
+
+MODELS_HEADER = ["method", "name", "source", "feature layers", "maps", "GFLOP backbone",
+                 "GFLOP heads", "GFLOP total"]
+
+
+def _model_row(info: ModelInfo) -> list[str]:
+    return [info.method, info.title, info.source, ",".join(map(str, info.feature_layers)),
+            str(info.num_maps), _gflop(info.flops_backbone), _gflop(info.flops_heads),
+            _gflop(info.flops_total)]
 
 
 def terminal_report(results: BenchResults, width: int = 200) -> Group:
@@ -189,16 +216,16 @@ def terminal_report(results: BenchResults, width: int = 200) -> Group:
     header = fitting_header(results, width)
     table = Table(title=title, title_justify="left")
     for name in header:
-        table.add_column(name, no_wrap=name == "backend", justify="left" if name == "backend"
-                         else "right")
+        text = name in ("method", "backend")
+        table.add_column(name, no_wrap=text, justify="left" if text else "right")
     for row in summary_rows(results, header):
         table.add_row(*row)
     parts: list[Table | Text] = [table]
     missing = not_measured(results)
     if missing:
-        skipped = Table("backend", "status", "reason", title="Not measured", title_justify="left")
-        for name, status, reason in missing:
-            skipped.add_row(name, f"[yellow]{status}[/]", reason)
+        skipped = Table(*NOT_MEASURED_HEADER, title="Not measured", title_justify="left")
+        for methods, name, status, reason in missing:
+            skipped.add_row(methods, name, f"[yellow]{status}[/]", reason)
         parts.append(skipped)
     parts += [Text(note, style="yellow") for note in warnings(results)]
     return Group(*parts)
@@ -249,9 +276,10 @@ def _cap(config: dict[str, Any]) -> str:
 def markdown(results: BenchResults) -> str:
     """results.md: command, hardware, the summary and stage tables, what did not run, notes."""
     config = results.config
+    first = results.models[0] if results.models else None
+    model = f"{first.backbone} @ {first.image_size} px" if first else "no model"
     lines = [
-        f"# fbclip-edge bench: {results.model.backbone} @ {results.model.image_size} px on "
-        f"{results.device.label}",
+        f"# fbclip-edge bench: {', '.join(results.methods)}, {model} on {results.device.label}",
         "",
         f"Command: `{results.command}`  ",
         f"Date: {results.started_at}, {results.duration_seconds:.0f} s in all  ",
@@ -261,14 +289,22 @@ def markdown(results: BenchResults) -> str:
         f"{config['input_sets']} rotated inputs of "
         f"{config['frame_size'][1]}x{config['frame_size'][0]} uint8 frames",
         "",
+        "## Models",
+        "",
+        "Same backbone, input size and seed for every method; FLOPs per image from each "
+        "method's analytic count.",
+        "",
+        *_md_table(MODELS_HEADER, [_model_row(info) for info in results.models]),
+        "",
         "## Device",
         "",
         *_environment_lines(results),
         "",
         "## Throughput and latency",
         "",
-        "Speedups are against torch-eager-fp32 at the same batch in this run. \"model\" is "
-        "network + scoring, the part the FLOPs count covers.",
+        "Speedups are against the same method's torch-eager-fp32 at the same batch in this run "
+        "(never across methods). \"model\" is network + scoring, the part the FLOPs count "
+        "covers.",
         "",
         *_md_table(SUMMARY_HEADER, summary_rows(results)),
         "",
@@ -281,57 +317,117 @@ def markdown(results: BenchResults) -> str:
     missing = not_measured(results)
     if missing:
         lines += ["## Not measured", "",
-                  *_md_table(["backend", "status", "reason"], [list(m) for m in missing]), ""]
+                  *_md_table(NOT_MEASURED_HEADER, [list(m) for m in missing]), ""]
     lines += ["## Notes", "", *(f"- {note}" for note in results.notes), ""]
     return "\n".join(lines)
 
 
+HATCHES = ("", "//", "\\\\", "xx", "..", "oo", "--", "++")
+
+
+@dataclass(frozen=True)
+class _Series:
+    """One method on one backend: a bar in every batch group of the plot."""
+
+    method: str
+    backend: str
+    rows: dict[int, Measurement]
+
+
+def _series(results: BenchResults) -> list[_Series]:
+    """Every (method, backend) pair measured, methods in run order, then backends."""
+    keys = dict.fromkeys((m.method, m.backend) for m in results.measurements)
+    return [
+        _Series(method, backend, {m.batch: m for m in results.measurements
+                                  if m.method == method and m.backend == backend})
+        for method, backend in keys
+    ]
+
+
+def _styles(results: BenchResults) -> tuple[dict[str, Any], dict[str, str]]:
+    """(method -> colour, backend -> hatch): colour tells methods apart, hatch backends."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10")
+    methods = list(dict.fromkeys([*results.methods, *(m.method for m in results.measurements)]))
+    backends = list(dict.fromkeys(m.backend for m in results.measurements))
+    return ({name: colors(index % 10) for index, name in enumerate(methods)},
+            {name: HATCHES[index % len(HATCHES)] for index, name in enumerate(backends)})
+
+
+def _spread_is_wide(values: list[float]) -> bool:
+    """Log scale when CPU and GPU rows (or batch 1 and 32) would flatten each other."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) > 20 * min(positive)
+
+
+def _throughput_panel(axis: Any, results: BenchResults, series: list[_Series],
+                      colors: dict[str, Any], hatches: dict[str, str]) -> None:
+    """Grouped bars: pipeline img/s per batch, one bar per method and backend, with the
+    model-only (network + scoring) rate as a black tick on each bar."""
+    batches = sorted({m.batch for m in results.measurements})
+    width = 0.8 / max(1, len(series))
+    for index, item in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * width
+        spots = [(position + offset, item.rows[batch])
+                 for position, batch in enumerate(batches) if batch in item.rows]
+        xs = [x for x, _ in spots]
+        axis.bar(xs, [row.pipeline.throughput for _, row in spots], width,
+                 color=colors[item.method], hatch=hatches[item.backend], edgecolor="black",
+                 linewidth=0.5)
+        axis.scatter(xs, [row.model_throughput for _, row in spots], marker="_", s=120,
+                     color="black", zorder=3)
+    axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    if _spread_is_wide([m.pipeline.throughput for m in results.measurements]
+                       + [m.model_throughput for m in results.measurements]):
+        axis.set_yscale("log")
+    axis.set_ylabel("images / s")
+    axis.set_title("Throughput (bars: whole pipeline, black tick: model)")
+    axis.grid(True, axis="y", which="both", alpha=0.3)
+
+
+def _latency_panel(axis: Any, results: BenchResults, series: list[_Series],
+                   colors: dict[str, Any], hatches: dict[str, str]) -> None:
+    """Pipeline latency distribution of every method and backend at the smallest batch."""
+    smallest = min((m.batch for m in results.measurements), default=1)
+    shown = [item for item in series if smallest in item.rows]
+    if shown:
+        boxes = axis.boxplot([item.rows[smallest].pipeline.samples_ms for item in shown],
+                             patch_artist=True, showfliers=True,
+                             medianprops={"color": "black"})  # visible on any face colour
+        for box, item in zip(boxes["boxes"], shown, strict=True):
+            box.set_facecolor(colors[item.method])
+            box.set_hatch(hatches[item.backend])
+        axis.set_xticks(range(1, len(shown) + 1),
+                        [f"{item.method}\n{item.backend}" for item in shown],
+                        rotation=20, ha="right", fontsize=8)
+        if _spread_is_wide([v for item in shown for v in item.rows[smallest].pipeline.samples_ms]):
+            axis.set_yscale("log")
+    axis.set_ylabel("pipeline latency (ms)")
+    axis.set_title(f"Latency distribution at batch {smallest}")
+    axis.grid(True, axis="y", alpha=0.3)
+
+
 def plot(results: BenchResults, path: Path) -> Path:
-    """PNG: pipeline and model throughput vs batch per backend (log-log), and the pipeline
-    latency distribution per backend at the smallest batch."""
+    """PNG comparing methods and backends: grouped throughput bars per batch (colour per
+    method, hatch per backend) and the latency distribution at the smallest batch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
+    from matplotlib.patches import Patch
 
-    backends = list(dict.fromkeys(m.backend for m in results.measurements))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
-    colors = plt.get_cmap("tab10")
-    for index, name in enumerate(backends):
-        rows = sorted((m for m in results.measurements if m.backend == name),
-                      key=lambda m: m.batch)
-        batches = [m.batch for m in rows]
-        color = colors(index % 10)
-        left.plot(batches, [m.pipeline.throughput for m in rows], "o-", color=color,
-                  label=f"{name} pipeline")
-        left.plot(batches, [m.model_throughput for m in rows], "s--", color=color, alpha=0.6,
-                  label=f"{name} model")
-    left.set_xscale("log", base=2)
-    left.set_yscale("log")
-    all_batches = sorted({m.batch for m in results.measurements})
-    left.set_xticks(all_batches, [str(b) for b in all_batches])
-    left.xaxis.set_minor_locator(ticker.NullLocator())
-    left.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _pos: f"{value:g}"))
-    left.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda value, _pos: f"{value:g}"))
-    left.set_xlabel("batch size")
-    left.set_ylabel("images / s")
-    left.set_title("Throughput vs batch (solid: whole pipeline, dashed: model)")
-    left.grid(True, which="both", alpha=0.3)
-    if backends:
-        left.legend(fontsize=8)
-    smallest = min((m.batch for m in results.measurements), default=1)
-    at_smallest = [m for m in results.measurements if m.batch == smallest]
-    if at_smallest:
-        right.boxplot([m.pipeline.samples_ms for m in at_smallest], showfliers=True)
-        right.set_xticks(range(1, len(at_smallest) + 1),
-                         [m.backend for m in at_smallest], rotation=20, ha="right")
-        spread = [v for m in at_smallest for v in m.pipeline.samples_ms if v > 0]
-        if spread and max(spread) > 20 * min(spread):
-            right.set_yscale("log")  # CPU and GPU backends side by side
-    right.set_ylabel("pipeline latency (ms)")
-    right.set_title(f"Latency distribution at batch {smallest}")
-    right.grid(True, axis="y", alpha=0.3)
+    series = _series(results)
+    colors, hatches = _styles(results)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), constrained_layout=True)
+    _throughput_panel(left, results, series, colors, hatches)
+    _latency_panel(right, results, series, colors, hatches)
+    handles = [Patch(facecolor=color, edgecolor="black", label=method)
+               for method, color in colors.items()]
+    handles += [Patch(facecolor="white", edgecolor="black", hatch=hatch, label=backend)
+                for backend, hatch in hatches.items()]
+    if handles:
+        left.legend(handles=handles, fontsize=8)
     figure.suptitle(f"{model_line(results)}\n{device_line(results)}", fontsize=10)
     figure.savefig(path, dpi=110, format="png")
     plt.close(figure)
@@ -348,31 +444,41 @@ def write_results(results: BenchResults, out_dir: str | Path) -> ResultFiles:
     return files
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def default_out_dir(results: BenchResults, root: str | Path = "benchmarks/results") -> Path:
-    """<root>/<device>-<date>/<backbone>-<size>/: recorded runs of one machine and day
-    share a folder, one subfolder per model."""
-    model = re.sub(r"[^a-z0-9]+", "-", results.model.backbone.lower()).strip("-")
-    run = f"{results.device.label}-{results.started_at[:10]}"
-    return Path(root) / run / f"{model}-{results.model.image_size}"
+    """<root>/<device>-<date>/<backbone>-<size>[-<methods>]/: recorded runs of one machine
+    and day share a folder, one subfolder per model; FB-CLIP-only runs keep the name they
+    had before methods, others name their methods so they never overwrite it."""
+    first = results.models[0]
+    name = f"{_slug(first.backbone)}-{first.image_size}"
+    if results.methods != ["fbclip"]:
+        name += "-" + "-".join(_slug(method) for method in results.methods)
+    return Path(root) / f"{results.device.label}-{results.started_at[:10]}" / name
 
 
 def recorded_runs_table(root: str | Path = "benchmarks/results") -> str:
     """Markdown rows summarizing every results.json under root (for benchmarks/README.md):
-    pipeline img/s and speedup per backend and batch, and the worst contention."""
+    pipeline img/s and speedup per method, backend and batch, and the worst contention.
+    Reads schema 1 (FB-CLIP only, one `model`) and schema 2 (`models`, rows with `method`)."""
     rows = []
     for path in sorted(Path(root).glob("*/*/" + JSON_NAME)):
         data = json.loads(path.read_text())
-        model = data["model"]
+        models = {m.get("method", "fbclip"): m for m in data.get("models") or [data["model"]]}
+        measured = [{"method": "fbclip", **m} for m in data["measurements"]]
         device = data["device"]
         hardware = device["gpu"]["name"] if device.get("gpu") else (
             f"{device['cpu_model']}, {device['cpu_logical_cores']} cores")
-        batches = sorted({m["batch"] for m in data["measurements"]})
-        for backend in dict.fromkeys(m["backend"] for m in data["measurements"]):
+        batches = sorted({m["batch"] for m in measured})
+        for method, backend in dict.fromkeys((m["method"], m["backend"]) for m in measured):
+            model = models.get(method) or next(iter(models.values()))
             cells = []
             shares = []
             for batch in batches:
-                row = next((m for m in data["measurements"]
-                            if m["backend"] == backend and m["batch"] == batch), None)
+                row = next((m for m in measured if m["method"] == method
+                            and m["backend"] == backend and m["batch"] == batch), None)
                 if row is None:
                     cells.append("-")
                     continue
@@ -381,7 +487,7 @@ def recorded_runs_table(root: str | Path = "benchmarks/results") -> str:
                 shares.append(row.get("other_cpu_share") or 0.0)
             folder = path.parent.relative_to(Path(root))
             rows.append([f"[{folder}](results/{folder.as_posix()}/{MARKDOWN_NAME})", hardware,
-                         f"{model['backbone']} @ {model['image_size']}", backend,
+                         f"{method} {model['backbone']} @ {model['image_size']}", backend,
                          "; ".join(cells), f"{max(shares, default=0.0):.0%}"])
     header = ["run", "device", "model", "backend", "pipeline throughput (speedup vs eager fp32)",
               "other CPU"]

@@ -2,6 +2,7 @@
 
 Each check reports the best row of the run for it, so a recorded results.md says at a glance
 how far the fastest backend is from each target; verdicts apply only in the issue's setting.
+The targets are FB-CLIP's: in a multi-method run only the fbclip rows are checked.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 from fbclip_edge.bench.harness import BenchResults, Measurement
 
+TARGET_METHOD = "fbclip"
 TARGET_MODEL = ("ViT-L-14-336", 518)
 TARGET_GPU = "H100"
 CEILING_SHARE = 60.0  # percent of the measured matmul ceiling, pipeline throughput, batch 32
@@ -29,9 +31,17 @@ class TargetCheck:
     met: bool | None  # None: not measured, or the run is not the issue's setting
 
 
+def _target_rows(results: BenchResults) -> list[Measurement]:
+    """The rows the targets judge: FB-CLIP's, whatever else the run timed."""
+    return [row for row in results.measurements if row.method == TARGET_METHOD]
+
+
 def setting_applies(results: BenchResults) -> tuple[bool, str]:
     """Whether the verdicts apply to this run, and the reason when they do not."""
-    model = (results.model.backbone, results.model.image_size)
+    info = results.model_info(TARGET_METHOD)
+    if info is None:
+        return False, f"the targets are for {TARGET_METHOD}, which this run did not time"
+    model = (info.backbone, info.image_size)
     gpu = results.device.gpu
     if model != TARGET_MODEL:
         return False, f"the targets are for {TARGET_MODEL[0]} @ {TARGET_MODEL[1]}"
@@ -57,16 +67,18 @@ def _best(
 
 
 def check_targets(results: BenchResults) -> list[TargetCheck]:
-    """The three targets of the bench issue, each with the run's best row."""
-    flops = results.model.flops_total
+    """The three targets of the bench issue, each with the run's best FB-CLIP row."""
+    info = results.model_info(TARGET_METHOD)
+    flops = info.flops_total if info is not None else 0
+    rows = _target_rows(results)
     at_ceiling_batch = [
         (share, row)
-        for row in results.measurements
+        for row in rows
         if row.batch == CEILING_BATCH
         and (share := _pipeline_ceiling_percent(row, flops)) is not None
     ]
-    batch_1 = [(row.pipeline.p50_ms, row) for row in results.measurements if row.batch == 1]
-    speedups = [(row.speedup, row) for row in results.measurements if row.speedup is not None]
+    batch_1 = [(row.pipeline.p50_ms, row) for row in rows if row.batch == 1]
+    speedups = [(row.speedup, row) for row in rows if row.speedup is not None]
     found = [
         _best(
             f"end-to-end throughput at batch {CEILING_BATCH}, share of the matmul ceiling",
@@ -119,6 +131,8 @@ def markdown_lines(results: BenchResults) -> list[str]:
         f"## Targets ({TARGET_MODEL[0]} @ {TARGET_MODEL[1]} on an {TARGET_GPU})",
         "",
     ]
+    if len(results.methods) > 1:
+        lines += [f"The targets are FB-CLIP's: only the {TARGET_METHOD} rows are checked.", ""]
     if not applies:
         lines += [f"Verdicts do not apply to this run: {why}; the best values are shown.", ""]
     lines += [

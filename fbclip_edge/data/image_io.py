@@ -59,7 +59,7 @@ def _mask_values(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L")).astype(np.int64)
 
 
-def read_mask(path: str | Path | None, shape: tuple[int, int]) -> np.ndarray:
+def read_mask(path: str | Path | None, shape: tuple[int, ...]) -> np.ndarray:
     """Ground truth as float32 {0, 1} of the given (H, W); None (a good sample) gives zeros.
 
     Masks stored as 0/1 and as 0/255 are both accepted (VisA ships both); 0/255 masks are

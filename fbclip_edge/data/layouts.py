@@ -240,7 +240,7 @@ def _load_meta(
             f"{path} has no '{split}' split (keys: {', '.join(map(str, meta)) or 'none'}); "
             "choose another split"
         )
-    samples = []
+    samples: list[Sample] = []
     for category, entries in sorted(meta[split].items()):
         if wanted is not None and category not in wanted:
             continue
@@ -254,7 +254,7 @@ def _load_meta(
 _LOADERS = {"mvtec": _load_mvtec, "visa": _load_visa, "meta": _load_meta}
 
 
-def _resolve_layout(root: Path, kind: LayoutKind) -> str:
+def _resolve_layout(root: Path, kind: LayoutKind) -> LayoutKind:
     """The detected layout, or the requested one after checking its index file is there."""
     if kind not in ("auto", *_LOADERS):
         raise DatasetError(f"unknown dataset kind {kind!r}; use auto, mvtec, visa or meta")

@@ -155,7 +155,7 @@ def _texture_scene(image: np.ndarray, rng: Rng, backdrop: np.ndarray | None = No
     if backdrop is None:
         y, x = _grid(size)
         under = 0.07 + 0.08 * _fractal(rng, x / 3, y / 3, 2)
-        backdrop = np.repeat(under[..., None], 3, axis=2) * np.float32([1.0, 0.95, 0.9])
+        backdrop = np.repeat(under[..., None], 3, axis=2) * np.array([1.0, 0.95, 0.9], np.float32)
     return Scene(np.clip(image, 0, 1).astype(np.float32), np.ones((size, size), bool), backdrop)
 
 
@@ -529,9 +529,9 @@ def _draw_cable(style: Style, rng: Rng, size: int) -> Scene:
     big = 0.42 * size
     r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
     obj = style["sheath"] * (0.8 + 0.25 * (1 - r / big))[..., None]
-    obj = np.where((r < 0.9 * big)[..., None], np.float32([0.86, 0.85, 0.8]), obj)
+    obj = np.where((r < 0.9 * big)[..., None], np.array([0.86, 0.85, 0.8], np.float32), obj)
     strands = 0.75 + 0.25 * np.sin(x / 1.3) * np.sin(y / 1.3)
-    copper = np.float32([0.85, 0.55, 0.3]) * strands[..., None]
+    copper = np.array([0.85, 0.55, 0.3], np.float32) * strands[..., None]
     for k, color in enumerate(style["wires"]):
         phi = style["phase"] + k * 2 * np.pi / 3 + rng.normal(0, 0.06)
         wx, wy = cx + 0.45 * big * np.cos(phi), cy + 0.45 * big * np.sin(phi)
@@ -925,7 +925,7 @@ def _tile(sample: Sample, tile: int) -> Image.Image:
         > 0
     )
     edge = _outline(small_mask)
-    shown = np.where(edge[..., None], np.uint8([255, 0, 0]), small)
+    shown = np.where(edge[..., None], np.array([255, 0, 0], np.uint8), small)
     picture = Image.fromarray(shown.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     draw.rectangle([0, 0, tile, 11], fill=(0, 0, 0))
@@ -966,3 +966,20 @@ def contact_sheet(
     out_png.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_png)
     return out_png
+
+
+def demo_frames(count: int = 2, size: int = 256, seed: int = 0) -> list[np.ndarray]:
+    """A plain textured plate, then the same plate with a dark scratch and a stain."""
+    rng = np.random.default_rng(seed)
+    base = (150 + 20 * rng.standard_normal((size, size, 1))).clip(0, 255)
+    base = np.repeat(base, 3, axis=2) * np.array([1.0, 0.95, 0.85])
+    frames = []
+    for index in range(count):
+        frame = base.copy()
+        if index % 2:
+            rows = np.arange(size // 4, 3 * size // 4)
+            frame[rows, rows // 2 + size // 4] = 20
+            yy, xx = np.mgrid[:size, :size]
+            frame[(yy - size * 0.7) ** 2 + (xx - size * 0.3) ** 2 < (size * 0.06) ** 2] *= 0.4
+        frames.append(frame.clip(0, 255).astype(np.uint8))
+    return frames

@@ -5,7 +5,6 @@ Library entry: `export_artifacts(model_dir, out, ...)`; the CLI's `export` comma
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -16,9 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from fbclip_edge.checkpoint import WEIGHTS_FILE, atomic_directory, load, versions
-from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.manifest import (
+from fbclip_edge.artifacts.manifest import (
     MAP_WEIGHTS,
     PARITY,
     TEXT_FEATURES,
@@ -30,13 +27,7 @@ from fbclip_edge.export.manifest import (
     sha256_file,
     write_manifest,
 )
-from fbclip_edge.export.onnx_graph import (
-    OPSET,
-    export_graphs,
-    export_mixed_precision,
-    unsupported_by_tensorrt,
-)
-from fbclip_edge.export.options import (
+from fbclip_edge.artifacts.options import (
     DEFAULT_TOLERANCES,
     BatchProfile,
     GraphRole,
@@ -48,6 +39,14 @@ from fbclip_edge.export.options import (
     parse_scoring,
     parse_targets,
 )
+from fbclip_edge.checkpoint import WEIGHTS_FILE, atomic_directory, load, versions
+from fbclip_edge.errors import FBClipError
+from fbclip_edge.export.onnx_graph import (
+    OPSET,
+    export_graphs,
+    export_mixed_precision,
+    unsupported_by_tensorrt,
+)
 from fbclip_edge.export.parity import (
     ParityError,
     ParityReport,
@@ -58,20 +57,9 @@ from fbclip_edge.export.parity import (
     reference_outputs,
 )
 from fbclip_edge.export.triton_repo import write_triton_repository
-from fbclip_edge.model import FBCLIP
+from fbclip_edge.methods import AnomalyModel
 
 Progress = Callable[[str, int, int], None]
-
-
-def load_model(
-    folder: str | Path, image_size: int | None = None, device: str | torch.device = "cpu"
-) -> FBCLIP:
-    """Load a model folder, optionally at another input size (the positional embedding is
-    interpolated at run time, so only the config changes)."""
-    model = load(folder, device)
-    if image_size and image_size != model.config.image_size:
-        model.config = dataclasses.replace(model.config, image_size=int(image_size))
-    return model.eval()
 
 
 @dataclass
@@ -178,7 +166,7 @@ def export_artifacts(
 
     step("load model")
     folder = Path(model_dir)
-    model = load_model(folder, image_size)
+    model = load(folder, image_size=image_size)
     config = model.config
     weights_sha = sha256_file(folder / WEIGHTS_FILE)
     with atomic_directory(out) as staging:
@@ -225,7 +213,7 @@ def export_artifacts(
             num_maps=config.num_maps,
             tokens=config.grid_size**2 + 1,
             embed_dim=config.backbone.embed_dim,
-            temperature=float(config.temperature),
+            temperature=float(model.scoring.temperature),
             precision=wanted,
             scoring=mode,
             opset=OPSET,
@@ -235,6 +223,8 @@ def export_artifacts(
             files={},
             versions=_tool_versions(with_trt),
             timing_cache=TIMING_CACHE if engines else None,
+            method=model.method,
+            score_rule=model.scoring.kind,
         )
         names = [TEXT_FEATURES, MAP_WEIGHTS]
         names += [name for g in graphs for name in (g.file, *g.data_files)]
@@ -262,7 +252,7 @@ def export_artifacts(
 
 
 def _parity(
-    model: FBCLIP,
+    model: AnomalyModel,
     staging: Path,
     manifest: Manifest,
     targets: tuple[Target, ...],
@@ -302,7 +292,6 @@ __all__ = [
     "Target",
     "Tolerance",
     "export_artifacts",
-    "load_model",
     "parity_table",
     "read_parity_images",
 ]

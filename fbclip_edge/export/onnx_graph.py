@@ -18,11 +18,11 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from fbclip_edge.artifacts.manifest import GraphSpec, TensorSpec
+from fbclip_edge.artifacts.options import GraphRole, Precision
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.manifest import GraphSpec, TensorSpec
 from fbclip_edge.export.mixed_precision import to_mixed_precision
-from fbclip_edge.export.options import GraphRole, Precision
-from fbclip_edge.model import FBCLIP
+from fbclip_edge.methods import AnomalyModel
 
 OPSET = 17
 INPUT_NAME = "pixel_values"
@@ -51,7 +51,7 @@ TENSORRT_ONNX_OPS = frozenset(
     ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Where Xor""".split()
 )
 
-_DTYPES = {
+_DTYPES: dict[int, str] = {
     TensorProto.FLOAT: "float32",
     TensorProto.FLOAT16: "float16",
     TensorProto.INT64: "int64",
@@ -63,7 +63,7 @@ _DTYPES = {
 class VisionGraph(nn.Module):
     """pixel_values (B, 3, S, S) -> maps (B, M, T, D): the fused kernels score these."""
 
-    def __init__(self, model: FBCLIP) -> None:
+    def __init__(self, model: AnomalyModel) -> None:
         super().__init__()
         self.model = model
 
@@ -76,7 +76,7 @@ class ScoreGraph(nn.Module):
     """maps -> image_score (B,), patch_map (B, 1, g, g), text features and map weights frozen
     in as constants; appended to the vision graph to make the full graph."""
 
-    def __init__(self, model: FBCLIP) -> None:
+    def __init__(self, model: AnomalyModel) -> None:
         super().__init__()
         self.model = model
 
@@ -220,7 +220,7 @@ def _trace(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def output_shapes(model: FBCLIP, role: GraphRole) -> list[list[int | str]]:
+def output_shapes(model: AnomalyModel, role: GraphRole) -> list[list[int | str]]:
     """Declared output shapes: the exporter leaves most dims symbolic, we know them."""
     cfg = model.config
     if role == GraphRole.VISION:
@@ -240,7 +240,9 @@ def _declare(values: list[onnx.ValueInfoProto], shapes: list[list[int | str]]) -
                 dim.dim_value = size
 
 
-def _finish(proto: onnx.ModelProto, model: FBCLIP, role: GraphRole, folder: Path) -> GraphSpec:
+def _finish(
+    proto: onnx.ModelProto, model: AnomalyModel, role: GraphRole, folder: Path
+) -> GraphSpec:
     """Prune, declare output shapes, save (external data over 2 GB) and check."""
     _prune(proto)
     _declare(list(proto.graph.output), output_shapes(model, role))
@@ -252,7 +254,7 @@ def _finish(proto: onnx.ModelProto, model: FBCLIP, role: GraphRole, folder: Path
     )
 
 
-def export_graphs(model: FBCLIP, folder: Path) -> tuple[GraphSpec, GraphSpec]:
+def export_graphs(model: AnomalyModel, folder: Path) -> tuple[GraphSpec, GraphSpec]:
     """vision.onnx, then full.onnx = vision + the traced scoring ops: one trace of the
     backbone (the slow part), and the full graph cannot differ from the vision graph."""
     model = model.eval()

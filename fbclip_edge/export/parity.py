@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from rich.table import Table
 
+from fbclip_edge.artifacts.options import BatchProfile, Tolerance
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.options import BatchProfile, Tolerance
 from fbclip_edge.kernels import anomaly_map
-from fbclip_edge.model import FBCLIP
+from fbclip_edge.methods import AnomalyModel
 from fbclip_edge.preprocess import preprocess
 from fbclip_edge.runtime.base import Backend
 
@@ -98,7 +98,7 @@ class ParityError(FBClipError):
 
 def synthetic_frames(count: int, size: int) -> tuple[list[np.ndarray], list[int]]:
     """Plain plates and scratched plates, alternating (labels 0, 1), each pair reseeded."""
-    from fbclip_edge.demo import demo_frames
+    from fbclip_edge.data.synthetic import demo_frames
 
     frames: list[np.ndarray] = []
     for pair in range((count + 1) // 2):
@@ -162,7 +162,7 @@ class Reference:
 
 
 def reference_outputs(
-    model: FBCLIP,
+    model: AnomalyModel,
     pixels: torch.Tensor,
     labels: Sequence[int] | None,
     profile: BatchProfile,

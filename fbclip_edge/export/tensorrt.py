@@ -5,43 +5,32 @@ as a *strongly typed* network, not with BuilderFlag.FP16 plus per-layer FP32 con
 TensorRT 10.12 deprecated those weak-typing APIs and 11 removes them; with strong typing the
 FP32 islands (LayerNorm, Softmax, reductions, normalizations) are in the graph itself, so
 TensorRT cannot trade them away, and onnxruntime can check the very same graph on a CPU.
+
+Typing: `tensorrt` is imported inside the functions (the package must import without it), and
+annotated with its real classes, so mypy checks every call against tensorrt-stubs.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 
+from fbclip_edge.artifacts.manifest import EngineSpec, GraphSpec
+from fbclip_edge.artifacts.options import BatchProfile, Precision
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.manifest import EngineSpec, GraphSpec
 from fbclip_edge.export.onnx_graph import INPUT_NAME
-from fbclip_edge.export.options import BatchProfile, Precision
+from fbclip_edge.runtime.tensorrt_env import (
+    compute_capability,
+    import_tensorrt,
+    make_logger,
+)
 
-INSTALL_HINT = "install fbclip-edge[trt] on a machine with an NVIDIA GPU"
-
-
-def import_tensorrt() -> ModuleType:
-    """The tensorrt module, or a one-line error saying how to get it."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError as error:
-        raise FBClipError(f"TensorRT is not available ({error}); {INSTALL_HINT}") from None
-    if not torch.cuda.is_available():
-        raise FBClipError(f"TensorRT needs a CUDA GPU and torch sees none; {INSTALL_HINT}")
-    return trt
-
-
-def compute_capability(device: torch.device | int | None = None) -> str:
-    """'8.9', '9.0', ...: engines only run on the compute capability they were built for."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}.{minor}"
-
+if TYPE_CHECKING:
+    import tensorrt as trt
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -53,22 +42,7 @@ class BuildSettings:
     optimization_level: int = 3
 
 
-def make_logger(trt: ModuleType) -> Any:
-    """A TensorRT logger that keeps errors, so failures can be reported in one line."""
-
-    class _Logger(trt.ILogger):  # type: ignore[name-defined, misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(msg.strip())
-
-    return _Logger()
-
-
-def _describe(error: Any) -> str:
+def _describe(error: trt.ParserError) -> str:
     """'node NAME (OP): description'; node_name/node_operator exist from TensorRT 8.6 on."""
     name = getattr(error, "node_name", lambda: "")() or str(error.node())
     operator = getattr(error, "node_operator", lambda: "")()
@@ -76,8 +50,12 @@ def _describe(error: Any) -> str:
     return f"{where}: {error.desc()}"
 
 
-def _parse(trt: ModuleType, builder: Any, logger: Any, onnx_path: Path) -> Any:
+def _parse(
+    builder: trt.Builder, logger: trt.ILogger, onnx_path: Path
+) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
     """Strongly typed network from the ONNX file; parser errors named by node and operator."""
+    import tensorrt as trt
+
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -91,10 +69,17 @@ def _parse(trt: ModuleType, builder: Any, logger: Any, onnx_path: Path) -> Any:
     return network, parser
 
 
+def _dims(shape: tuple[int, ...]) -> trt.Dims:
+    """A shape where TensorRT takes Dims: it converts tuples itself, the stubs don't say so."""
+    return cast("trt.Dims", shape)
+
+
 def _configure(
-    trt: ModuleType, builder: Any, settings: BuildSettings, size: int, cache_bytes: bytes
-) -> Any:
+    builder: trt.Builder, settings: BuildSettings, size: int, cache_bytes: bytes
+) -> trt.IBuilderConfig:
     """Memory pool, optimization level, batch profile, strict FP32 and the timing cache."""
+    import tensorrt as trt
+
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     config.builder_optimization_level = settings.optimization_level
@@ -103,7 +88,10 @@ def _configure(
     profile = builder.create_optimization_profile()
     b = settings.batch
     profile.set_shape(
-        INPUT_NAME, (b.min, 3, size, size), (b.opt, 3, size, size), (b.max, 3, size, size)
+        INPUT_NAME,
+        _dims((b.min, 3, size, size)),
+        _dims((b.opt, 3, size, size)),
+        _dims((b.max, 3, size, size)),
     )
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(cache_bytes)
@@ -122,14 +110,16 @@ def build_engine(
     device: int = 0,
 ) -> EngineSpec:
     """Parse `folder/graph.file`, build, write `<role>.<precision>.engine` and timing.cache."""
-    trt = import_tensorrt()
-    logger = make_logger(trt)
+    import_tensorrt()
+    import tensorrt as trt
+
+    logger = make_logger()
     started = time.perf_counter()
     with torch.cuda.device(device):
         builder = trt.Builder(logger)
-        network, _parser = _parse(trt, builder, logger, folder / graph.file)
+        network, _parser = _parse(builder, logger, folder / graph.file)
         cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-        config = _configure(trt, builder, settings, image_size, cache_bytes)
+        config = _configure(builder, settings, image_size, cache_bytes)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             details = "; ".join(logger.errors[-3:]) or "no details"

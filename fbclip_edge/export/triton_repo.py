@@ -11,9 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+from fbclip_edge.artifacts.manifest import GraphSpec, Manifest, TensorSpec
+from fbclip_edge.artifacts.options import GraphRole, Precision
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.manifest import GraphSpec, Manifest, TensorSpec
-from fbclip_edge.export.options import GraphRole, Precision
 
 REPOSITORY = "triton"
 DATA_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}

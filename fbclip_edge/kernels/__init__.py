@@ -24,16 +24,18 @@ def score_maps(
     map_weights: torch.Tensor,
     temperature: float = 0.07,
     impl: str = "auto",
+    rule: str = "logit_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image score (B,) and patch probabilities (B, T-1), float32, from (B, M, T, D) maps.
 
+    rule: 'logit_sum' (FB-CLIP) or 'prob_sum' (AnomalyCLIP), see `score_maps_torch`.
     impl: 'auto' (Triton on CUDA without autograd, else torch), 'triton' or 'torch'.
     """
     chosen = resolve_impl(impl, maps.device, needs_grad(maps, text, map_weights))
     if chosen == "triton":
         score_module, _ = triton_modules()
-        return score_module.score_maps_triton(maps, text, map_weights, temperature)
-    return score_maps_torch(maps, text, map_weights, temperature)
+        return score_module.score_maps_triton(maps, text, map_weights, temperature, rule)
+    return score_maps_torch(maps, text, map_weights, temperature, rule)
 
 
 def anomaly_map(

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class ScoreCase:
     tokens: int
     dim: int
     dtype: torch.dtype = torch.float16
+    rule: str = "logit_sum"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ SCORE_CASES: tuple[ScoreCase, ...] = (
     ScoreCase("ViT-L-14-336 @ 518", 15, 1370, 768, torch.float16),
     ScoreCase("ViT-L-14-336 @ 518", 15, 1370, 768, torch.float32),
     ScoreCase("ViT-B-16 @ 224", 15, 197, 512, torch.float16),
+    ScoreCase("AnomalyCLIP ViT-L-14-336 @ 518", 4, 1370, 768, torch.float16, "prob_sum"),
     ScoreCase("odd (tests)", 1, 37, 40, torch.float32),
 )
 MAP_CASES: tuple[MapCase, ...] = (
@@ -79,7 +82,7 @@ class KernelBuild:
         return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
 
 
-def _triton() -> tuple[object, object, object]:
+def _triton() -> tuple[Any, Any, Any]:
     """(triton, GPUTarget, ASTSource), or a one-line error naming the fix."""
     try:
         import triton
@@ -158,10 +161,11 @@ def build_score(case: ScoreCase, capability: int) -> KernelBuild:
     signature |= {"M": "i32", "T": "i32", "inv_temp": "fp32"}
     signature |= {s: "i32" for s in ("stride_b", "stride_m", "stride_t", "stride_text")}
     consts = {"D": case.dim, "BLOCK_M": block_m, "BLOCK_T": block_t, "BLOCK_D": block_d}
+    consts["PROB_SUM"] = int(case.rule == "prob_sum")
     signature |= {name: "constexpr" for name in consts}
     ptx, shared = _build(triton_score._score_maps_kernel, signature, consts, warps, capability)
     regs, stack, stores, loads = ptxas_resources(ptx, capability)
-    config = f"M={case.maps} T={case.tokens} D={case.dim} {_PTX_TYPES[case.dtype]} " + (
+    config = f"{case.rule} M={case.maps} T={case.tokens} D={case.dim} {_PTX_TYPES[case.dtype]} " + (
         f"BLOCK_M={block_m} BLOCK_T={block_t} BLOCK_D={block_d} warps={warps}"
     )
     return KernelBuild(

@@ -17,18 +17,26 @@ def score_maps_torch(
     text: torch.Tensor,
     map_weights: torch.Tensor,
     temperature: float = 0.07,
+    rule: str = "logit_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score projected token maps against the two frozen text vectors.
 
-    maps (B, M, T, D) CLS first, text (2, D) rows [normal, abnormal], map_weights (M,)
-    already softmaxed and expanded per map. Returns float32 image_score (B,) and
-    patch_prob (B, T-1): the abnormal-class probability of the weighted logits.
+    maps (B, M, T, D) CLS first, text (2, D) rows [normal, abnormal], map_weights (M,).
+    rule 'logit_sum' (FB-CLIP): the weighted sum of the per-map logits, one softmax; the
+    image score is its CLS row. rule 'prob_sum' (AnomalyCLIP): a softmax per map, then the
+    weighted sum of the abnormal probabilities; the image score is map 0's CLS row alone.
+    Returns float32 image_score (B,) and patch_prob (B, T-1).
     """
     maps = maps.float()
     logits = torch.einsum("bmtd,kd->bmtk", F.normalize(maps, dim=-1), text.float()) / temperature
-    logits = (logits * map_weights.float()[None, :, None, None]).sum(dim=1)
-    prob = logits.softmax(dim=-1)[..., 1]
-    return prob[:, 0], prob[:, 1:]
+    weights = map_weights.float()[None, :, None]
+    if rule == "logit_sum":
+        prob = (logits * weights[..., None]).sum(dim=1).softmax(dim=-1)[..., 1]
+        return prob[:, 0], prob[:, 1:]
+    if rule == "prob_sum":
+        prob = logits.softmax(dim=-1)[..., 1]
+        return prob[:, 0, 0], (prob[:, :, 1:] * weights).sum(dim=1)
+    raise ValueError(f"unknown scoring rule {rule!r}; use 'logit_sum' or 'prob_sum'")
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:

@@ -21,7 +21,7 @@ TRITON_VERSION: str = triton.__version__
 
 
 @triton.jit
-def _anomaly_map_kernel(
+def _anomaly_map_kernel(  # type: ignore[no-untyped-def]
     grid_ptr,
     ah_ptr,
     aw_ptr,

@@ -17,7 +17,7 @@ _TILE_ELEMENTS = 8192  # elements per (BLOCK_M, BLOCK_T, BLOCK_D) load: 16 KiB o
 
 
 @triton.jit
-def _score_maps_kernel(
+def _score_maps_kernel(  # type: ignore[no-untyped-def]
     maps_ptr,
     text_ptr,
     w_ptr,
@@ -34,9 +34,12 @@ def _score_maps_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PROB_SUM: tl.constexpr,
 ):
     # One program: BLOCK_T tokens of one image, all M maps, D in static chunks.
     # softmax over 2 classes == sigmoid of the logit difference, so only x.(t1 - t0) is needed.
+    # PROB_SUM (AnomalyCLIP): sum_m w_m sigmoid(z_m) per token, image score sigmoid(z_0[CLS]);
+    # otherwise (FB-CLIP): sigmoid(sum_m w_m z_m).
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -45,6 +48,7 @@ def _score_maps_kernel(
     offs_d0 = tl.arange(0, BLOCK_D)
     rows_t = maps_ptr + b * stride_b + offs_t[None, :, None] * stride_t
     logit = tl.zeros([BLOCK_T], dtype=tl.float32)
+    first = tl.zeros([BLOCK_T], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + offs_m0
         m_ok = offs_m < M
@@ -68,9 +72,19 @@ def _score_maps_kernel(
         dot = tl.sum(dot_part, axis=2)
         w = tl.load(w_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
         norm = tl.maximum(tl.sqrt(sumsq), 1e-12)  # F.normalize's eps
-        logit += tl.sum(w[:, None] * (dot / norm), axis=0)
-    prob = 1.0 / (1.0 + tl.exp(-(logit * inv_temp)))
-    tl.store(score_ptr + b + offs_t * 0, prob, mask=offs_t == 0)
+        if PROB_SUM:
+            sig = 1.0 / (1.0 + tl.exp(-(dot / norm) * inv_temp))
+            logit += tl.sum(w[:, None] * sig, axis=0)
+            first += tl.sum(tl.where(offs_m[:, None] == 0, sig, 0.0), axis=0)
+        else:
+            logit += tl.sum(w[:, None] * (dot / norm), axis=0)
+    if PROB_SUM:
+        prob = logit
+        image = first
+    else:
+        prob = 1.0 / (1.0 + tl.exp(-(logit * inv_temp)))
+        image = prob
+    tl.store(score_ptr + b + offs_t * 0, image, mask=offs_t == 0)
     tl.store(patch_ptr + b * (T - 1) + (offs_t - 1), prob, mask=t_ok & (offs_t > 0))
 
 
@@ -117,6 +131,7 @@ def score_maps_triton(
     text: torch.Tensor,
     map_weights: torch.Tensor,
     temperature: float = 0.07,
+    rule: str = "logit_sum",
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of score_maps_torch: same inputs, float32 (B,) and (B, T-1) outputs.
@@ -124,6 +139,8 @@ def score_maps_triton(
     out: optional preallocated contiguous float32 (score, patch) to write into (reused buffers).
     """
     _check_inputs(maps, text, map_weights)
+    if rule not in ("logit_sum", "prob_sum"):
+        raise ValueError(f"unknown scoring rule {rule!r}; use 'logit_sum' or 'prob_sum'")
     if maps.stride(-1) != 1:
         maps = maps.contiguous()
     text = text if text.stride(-1) == 1 else text.contiguous()
@@ -156,6 +173,7 @@ def score_maps_triton(
         BLOCK_M=block_m,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
+        PROB_SUM=rule == "prob_sum",
         num_warps=num_warps,
     )
     return score, patch

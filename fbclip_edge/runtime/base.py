@@ -18,7 +18,7 @@ import torch
 from fbclip_edge.errors import FBClipError
 
 if TYPE_CHECKING:
-    from fbclip_edge.export.manifest import Manifest
+    from fbclip_edge.artifacts.manifest import Manifest
 
 
 @dataclass
@@ -92,15 +92,20 @@ class Backend(ABC):
 
 
 class MapScorer:
-    """Projected maps (B, M, T, D) -> image_score, patch_map with the fused kernels, as
-    `FBCLIP.score` does; used by backends that run only the vision graph."""
+    """Projected maps (B, M, T, D) -> image_score, patch_map with the fused kernels, as the
+    model's `score` does; used by backends that run only the vision graph."""
 
     def __init__(
-        self, text_features: torch.Tensor, map_weights: torch.Tensor, temperature: float
+        self,
+        text_features: torch.Tensor,
+        map_weights: torch.Tensor,
+        temperature: float,
+        rule: str = "logit_sum",
     ) -> None:
         self.text_features = text_features.float()
         self.map_weights = map_weights.float()
         self.temperature = float(temperature)
+        self.rule = rule
 
     @classmethod
     def for_artifacts(cls, artifacts: Path, manifest: Manifest) -> MapScorer | None:
@@ -109,7 +114,7 @@ class MapScorer:
             return None
         text = torch.from_numpy(np.load(artifacts / manifest.text_features))
         weights = torch.from_numpy(np.load(artifacts / manifest.map_weights))
-        return cls(text, weights, manifest.temperature)
+        return cls(text, weights, manifest.temperature, manifest.score_rule)
 
     def __call__(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores on the maps' device; Triton there when it is CUDA and Triton imports."""
@@ -119,7 +124,7 @@ class MapScorer:
             self.text_features = self.text_features.to(maps.device)
             self.map_weights = self.map_weights.to(maps.device)
         image_score, patch_prob = score_maps(
-            maps, self.text_features, self.map_weights, self.temperature
+            maps, self.text_features, self.map_weights, self.temperature, rule=self.rule
         )
         side = math.isqrt(patch_prob.shape[1])
         return image_score.float(), patch_prob.float().reshape(-1, 1, side, side)

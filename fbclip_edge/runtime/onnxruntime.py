@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fbclip_edge.artifacts.manifest import ArtifactError, GraphSpec, Manifest, verify_files
+from fbclip_edge.artifacts.options import GraphRole, Precision, Scoring
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.manifest import ArtifactError, GraphSpec, Manifest, verify_files
-from fbclip_edge.export.options import GraphRole, Precision, Scoring
 from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer
 
 PROVIDERS = {

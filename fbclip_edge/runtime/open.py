@@ -6,20 +6,20 @@ CUDA, onnxruntime CPU, torch) and records in `info.details['selected']` why.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
-from fbclip_edge.checkpoint import WEIGHTS_FILE
-from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.manifest import (
+from fbclip_edge.artifacts.manifest import (
     ArtifactError,
     Manifest,
     export_command,
     read_manifest,
     sha256_file,
 )
+from fbclip_edge.artifacts.options import tensorrt_installed
+from fbclip_edge.checkpoint import WEIGHTS_FILE
+from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime.base import Backend, TorchBackend
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -41,9 +41,9 @@ def _open_torch(
             f"the model in {folder} changed since {artifacts} was exported (sha256 of "
             f"{WEIGHTS_FILE} differs); re-export with `{export_command(manifest, artifacts)}`"
         )
-    from fbclip_edge.export import load_model
+    from fbclip_edge.checkpoint import load
 
-    model = load_model(folder, manifest.image_size)
+    model = load(folder, image_size=manifest.image_size)
     backend = TorchBackend(model, device, precision)
     backend.batch_range = (manifest.batch.min, manifest.batch.max)
     backend.info.details.update(model=str(folder), scoring="model")
@@ -55,14 +55,14 @@ def _tensorrt_blocker(manifest: Manifest) -> str | None:
     spec = manifest.engine()
     if spec is None:
         return "the artifacts have no TensorRT engine"
-    if importlib.util.find_spec("tensorrt") is None:
+    if not tensorrt_installed():
         return "tensorrt is not installed"
     if not torch.cuda.is_available():
         return "no CUDA GPU"
     import tensorrt
 
-    from fbclip_edge.export.tensorrt import compute_capability
     from fbclip_edge.runtime.tensorrt import engine_mismatch
+    from fbclip_edge.runtime.tensorrt_env import compute_capability
 
     problem = engine_mismatch(spec, str(tensorrt.__version__), compute_capability())
     return f"the engine does not fit: {problem}" if problem else None

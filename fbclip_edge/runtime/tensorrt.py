@@ -7,20 +7,23 @@ batch) -> infer; capture records one CUDA graph at a fixed batch and replays it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.manifest import (
+from fbclip_edge.artifacts.manifest import (
     ArtifactError,
     EngineSpec,
     Manifest,
     export_command,
     verify_files,
 )
-from fbclip_edge.export.tensorrt import compute_capability, import_tensorrt, make_logger
+from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer
+from fbclip_edge.runtime.tensorrt_env import compute_capability, import_tensorrt, make_logger
+
+if TYPE_CHECKING:
+    import tensorrt as trt  # typed by tensorrt-stubs; imported at run time where used
 
 
 def engine_mismatch(spec: EngineSpec, tensorrt_version: str, capability: str) -> str | None:
@@ -35,7 +38,14 @@ def engine_mismatch(spec: EngineSpec, tensorrt_version: str, capability: str) ->
     return None
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+def _ints(dims: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT shape as a tuple (Dims index like a tuple; the stubs give no __iter__)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
+    import tensorrt as trt
+
     kinds = trt.DataType
     table = {
         kinds.FLOAT: torch.float32,
@@ -55,25 +65,27 @@ class TensorRTEngine:
 
     def __init__(self, path: Path, device: torch.device) -> None:
         """Load: deserialize on `device`; None from TensorRT means another version or GPU."""
-        self.trt = import_tensorrt()
+        import_tensorrt()
+        import tensorrt as trt
+
         self.device = device
-        self.logger = make_logger(self.trt)
+        self.logger = make_logger()
         with torch.cuda.device(device):
-            self.runtime = self.trt.Runtime(self.logger)
+            self.runtime = trt.Runtime(self.logger)
             self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if self.engine is None:
                 details = "; ".join(self.logger.errors[-2:]) or "no details"
                 raise ArtifactError(f"TensorRT cannot load {path.name} ({details})")
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if len(inputs) != 1:
             raise ArtifactError(f"{path.name} has inputs {inputs}, expected one; re-export")
         self.input = inputs[0]
         self.outputs = [n for n in names if n != self.input]
         low, _, high = self.engine.get_tensor_profile_shape(self.input, 0)
         self.batch_range = (int(low[0]), int(high[0]))
-        self.input_shape = tuple(int(d) for d in self.engine.get_tensor_shape(self.input))
+        self.input_shape = _ints(self.engine.get_tensor_shape(self.input))
         self.buffers: dict[str, torch.Tensor] = {}
         self.batch: int | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -94,8 +106,8 @@ class TensorRTEngine:
             raise FBClipError(f"TensorRT refused input shape {shape}; rebuild the engine")
         self.buffers = {self.input: torch.empty(shape, dtype=torch.float32, device=self.device)}
         for name in self.outputs:
-            dims = tuple(int(d) for d in self.context.get_tensor_shape(name))
-            dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+            dims = _ints(self.context.get_tensor_shape(name))
+            dtype = _torch_dtype(self.engine.get_tensor_dtype(name))
             self.buffers[name] = torch.empty(dims, dtype=dtype, device=self.device)
         for name, buffer in self.buffers.items():
             self.context.set_tensor_address(name, buffer.data_ptr())
@@ -147,7 +159,9 @@ class TensorRTBackend(Backend):
         cuda_graph: bool | int = False,
         verify: bool = True,
     ) -> None:
-        trt = import_tensorrt()
+        import_tensorrt()
+        import tensorrt as trt
+
         spec = manifest.engine()
         if spec is None:
             raise ArtifactError(

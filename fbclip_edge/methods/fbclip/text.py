@@ -21,6 +21,8 @@ def prompt_tokens(
 class PromptLearner(nn.Module):
     """n_ctx learnable context vectors per prompt, replacing the 'X' placeholders."""
 
+    tokens: torch.Tensor  # a buffer: (2, context) token ids
+
     def __init__(self, tokens: torch.Tensor, n_ctx: int, width: int) -> None:
         super().__init__()
         self.n_ctx = n_ctx

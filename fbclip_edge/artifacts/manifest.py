@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fbclip_edge.artifacts.options import BatchProfile, GraphRole, Precision, Scoring
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.export.options import BatchProfile, GraphRole, Precision, Scoring
 
 MANIFEST = "manifest.json"
 SCHEMA = "fbclip-edge-artifacts"
@@ -111,6 +111,10 @@ class Manifest:
     versions: dict[str, str]
     text_features: str = TEXT_FEATURES
     map_weights: str = MAP_WEIGHTS
+    # The method and its scoring rule (see fbclip_edge.methods.base.ScoringRule); artifacts
+    # written before methods existed are FB-CLIP's.
+    method: str = "fbclip"
+    score_rule: str = "logit_sum"
     timing_cache: str | None = None
     parity: str | None = None
     schema: str = SCHEMA

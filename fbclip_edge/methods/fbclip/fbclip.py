@@ -8,17 +8,19 @@ frozen into the (2, D) `text_features` buffer when the model is put in eval mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from open_clip.model import CLIP
 from torch import nn
 
-from fbclip_edge.kernels import score_maps
-from fbclip_edge.model.backbone import build_clip, encode_layers
-from fbclip_edge.model.config import FBCLIPConfig
-from fbclip_edge.model.fb_attention import FBAttention
-from fbclip_edge.model.text import PromptLearner, TextFusion, encode_text, prompt_tokens
-from fbclip_edge.model.views import (
+from fbclip_edge.clip.backbone import build_clip, encode_layers
+from fbclip_edge.methods.base import AnomalyModel, ModelOutput, ScoringRule
+from fbclip_edge.methods.fbclip.config import FBCLIPConfig
+from fbclip_edge.methods.fbclip.fb_attention import FBAttention
+from fbclip_edge.methods.fbclip.losses import LossTerms, fbclip_losses
+from fbclip_edge.methods.fbclip.text import PromptLearner, TextFusion, encode_text, prompt_tokens
+from fbclip_edge.methods.fbclip.views import (
     background_prototype,
     foreground_mask,
     semantic_view,
@@ -26,14 +28,7 @@ from fbclip_edge.model.views import (
     suppress_background,
 )
 
-
-@dataclass
-class FBCLIPOutput:
-    """Model outputs: image_score (B,) and patch_map (B, 1, g, g), abnormal probabilities."""
-
-    image_score: torch.Tensor
-    patch_map: torch.Tensor
-    maps: torch.Tensor | None = None
+FBCLIPOutput = ModelOutput  # the name the first releases exported
 
 
 @dataclass
@@ -50,8 +45,10 @@ class FBCLIPIntermediates:
     output: FBCLIPOutput
 
 
-class FBCLIP(nn.Module):
+class FBCLIP(AnomalyModel):
     """FB-CLIP on any open_clip ViT; CLIP stays frozen, the heads are learned."""
+
+    method: ClassVar[str] = "fbclip"
 
     def __init__(self, config: FBCLIPConfig, clip: CLIP | None = None) -> None:
         super().__init__()
@@ -84,27 +81,27 @@ class FBCLIP(nn.Module):
             self.clip, self.prompt_learner, self.text_fusion, self.config.text_fusion
         )
 
-    @torch.no_grad()
-    def freeze_text(self) -> torch.Tensor:
-        """Compute the text features once and keep them as the deployment buffer."""
-        self.text_features_frozen = self.encode_text().detach().float()
-        self.text_frozen = True
-        return self.text_features_frozen
-
     @property
-    def text_features(self) -> torch.Tensor:
-        """(2, D): frozen in eval mode, recomputed (with gradients) while training."""
-        if self.training or not self.text_frozen:
-            return self.encode_text()
-        return self.text_features_frozen
+    def scoring(self) -> ScoringRule:
+        """Weighted per-map logits, one softmax (spec section 6)."""
+        return ScoringRule("logit_sum", self.config.temperature)
 
-    def train(self, mode: bool = True) -> FBCLIP:
-        """Switching to eval freezes the text features from the current weights."""
-        super().train(mode)
-        self.clip.eval()  # frozen backbone: no dropout, even while the heads train
-        if not mode:
-            self.freeze_text()
-        return self
+    def training_loss(
+        self, pixels: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+    ) -> LossTerms:
+        """The paper's four terms (spec section 7); text encoded once from the prompts."""
+        text = self.encode_text()
+        maps = self.encode_maps(pixels)
+        output = self.score(maps, text)
+        return fbclip_losses(
+            output.image_score,
+            output.patch_map,
+            maps[:, -1],
+            text,
+            labels,
+            masks,
+            temperature=self.config.temperature,
+        )
 
     # ----- vision side -----
     def map_weights(self) -> torch.Tensor:
@@ -162,28 +159,6 @@ class FBCLIP(nn.Module):
         background = background_prototype(enhanced, self.config.bs_mean_weight)
         suppressed = suppress_background(enhanced, background, self.config.bs_mix)
         return layer_tokens, fg, enhanced, background, self.project(suppressed)
-
-    def score(
-        self, maps: torch.Tensor, text_features: torch.Tensor | None = None, impl: str = "auto"
-    ) -> FBCLIPOutput:
-        """Projected maps (B, M, T, D) -> image score (B,) and patch map (B, 1, g, g).
-
-        impl picks the fused kernel ('auto': Triton on CUDA at inference, torch otherwise).
-        """
-        text = self.text_features if text_features is None else text_features
-        image_score, patch_prob = score_maps(
-            maps, text, self.map_weights(), self.config.temperature, impl=impl
-        )
-        side = round(int(patch_prob.shape[1]) ** 0.5)  # int(): a constant when traced for ONNX
-        return FBCLIPOutput(image_score, patch_prob.reshape(-1, 1, side, side))
-
-    def forward(self, pixel_values: torch.Tensor, return_maps: bool = False) -> FBCLIPOutput:
-        """pixel_values (B, 3, S, S) normalized as `fbclip_edge.preprocess` makes them."""
-        maps = self.encode_maps(pixel_values)
-        output = self.score(maps)
-        if return_maps:
-            output.maps = maps
-        return output
 
     def forward_intermediates(self, pixel_values: torch.Tensor) -> FBCLIPIntermediates:
         """Forward pass that also returns every stage (spec order and shapes)."""

@@ -8,22 +8,8 @@ pooling) is memory-bound and left out. The benchmark uses this for achieved TFLO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fbclip_edge.model.config import FBCLIPConfig
-
-
-@dataclass(frozen=True)
-class FlopCount:
-    """FLOPs of one image's forward pass (text side excluded: it is frozen)."""
-
-    backbone: int
-    heads: int
-
-    @property
-    def total(self) -> int:
-        """Backbone plus heads."""
-        return self.backbone + self.heads
+from fbclip_edge.methods.base import FlopCount
+from fbclip_edge.methods.fbclip.config import FBCLIPConfig
 
 
 def _attention_flops(tokens: int, width: int, inner: int, qkv_width: int) -> int:

@@ -18,10 +18,10 @@ import numpy as np
 from rich.progress import Progress
 
 from fbclip_edge.data.image_io import IMAGE_SUFFIXES, read_image
-from fbclip_edge.detector import Detection, Detector
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.fileio import write_text_atomic
-from fbclip_edge.overlay import overlay_panel
+from fbclip_edge.line.detector import Detection, Detector
+from fbclip_edge.line.overlay import overlay_panel
 
 
 @dataclass

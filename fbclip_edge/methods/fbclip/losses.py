@@ -25,11 +25,11 @@ class LossTerms:
     def as_floats(self) -> dict[str, float]:
         """Plain numbers for progress bars and logs."""
         return {
-            "focal_image": float(self.focal_image),
-            "focal_pixel": float(self.focal_pixel),
-            "dice": float(self.dice),
-            "scr": float(self.scr),
-            "total": float(self.total),
+            "focal_image": float(self.focal_image.detach()),
+            "focal_pixel": float(self.focal_pixel.detach()),
+            "dice": float(self.dice.detach()),
+            "scr": float(self.scr.detach()),
+            "total": float(self.total.detach()),
         }
 
 

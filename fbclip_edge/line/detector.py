@@ -103,7 +103,7 @@ def preprocess_on_host(
         _tensor_to_rgb(f).cpu().numpy() if isinstance(f, torch.Tensor) else to_rgb_uint8(f)
         for f in frames
     ]
-    return preprocess(arrays, image_size), [a.shape[:2] for a in arrays]
+    return preprocess(arrays, image_size), [(a.shape[0], a.shape[1]) for a in arrays]
 
 
 def preprocess_on_device(
@@ -140,6 +140,11 @@ class Detector:
         A TensorRT backend captures a CUDA graph at batch 1 (the camera case) unless
         `cuda_graph` is given.
         """
+        if str(artifacts).startswith(("http://", "grpc://")):  # a `fbclip-edge serve` server
+            from fbclip_edge.serve import RemoteBackend
+
+            remote = RemoteBackend(str(artifacts), **options)
+            return cls(remote, Thresholds(*remote.thresholds))
         from fbclip_edge.runtime import open as open_backend
 
         runtime = open_backend(artifacts, backend=backend, device=device, **options)
@@ -241,7 +246,7 @@ def _group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], li
 
 def thresholds_from_artifacts(artifacts: str | Path) -> Thresholds:
     """The calibration stored in an artifacts manifest, or the uncalibrated defaults."""
-    from fbclip_edge.calibrate import read_calibration
+    from fbclip_edge.line.thresholds import read_calibration
 
     calibration = read_calibration(artifacts)
     if calibration is None:

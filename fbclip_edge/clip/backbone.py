@@ -7,16 +7,18 @@ ln_post) and resizes the positional embedding bilinearly to the input's patch gr
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from torch import nn
 
+from fbclip_edge.clip.config import BackboneConfig
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.model.config import BackboneConfig
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer  # untyped: its attributes are Any
 
 # The architecture of ../shared/fixtures/fbclip-reference-tiny: ViT-L/14@336 geometry with
 # tiny widths, so tests exercise the real token counts and positional interpolation.
@@ -145,7 +147,7 @@ def check_pixels(pixel_values: torch.Tensor, patch: int) -> None:
 
 
 def encode_layers(
-    visual: nn.Module, pixel_values: torch.Tensor, layers: tuple[int, ...]
+    visual: VisionTransformer, pixel_values: torch.Tensor, layers: tuple[int, ...]
 ) -> list[torch.Tensor]:
     """Run open_clip's ViT; return the (B, T, Dv) residual stream after each chosen block.
 

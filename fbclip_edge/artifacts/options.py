@@ -59,13 +59,20 @@ def parse_scoring(value: str | Scoring) -> Scoring:
     return _choice(Scoring, value, "--scoring")  # type: ignore[return-value]
 
 
-def tensorrt_usable() -> bool:
-    """TensorRT imports and a CUDA device is present (what an engine build needs)."""
+def tensorrt_installed() -> bool:
+    """The tensorrt library is importable. tensorrt-stubs alone (installed to type-check) leaves
+    an empty `tensorrt` namespace package that find_spec finds too: it has no origin."""
     import importlib.util
 
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin is not None
+
+
+def tensorrt_usable() -> bool:
+    """TensorRT imports and a CUDA device is present (what an engine build needs)."""
     import torch
 
-    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+    return tensorrt_installed() and torch.cuda.is_available()
 
 
 def parse_targets(value: str | Iterable[str | Target]) -> tuple[Target, ...]:

@@ -6,6 +6,8 @@ runs every layer in one call. Spec sections 3, 4 and 5.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +43,7 @@ def foreground_mask(
     else:
         change = (tokens - previous).norm(dim=-1)
     cues = (saliency, center, cls_inc, change)
-    score = sum(w * _minmax(c) for w, c in zip(weights, cues, strict=True))
+    score = cast(torch.Tensor, sum(w * _minmax(c) for w, c in zip(weights, cues, strict=True)))
     pad = smooth // 2
     score = F.pad(score[:, None], (pad, pad), mode="reflect")
     score = F.avg_pool1d(score, smooth, stride=1)[:, 0]
@@ -99,8 +101,8 @@ def spatial_view(
     fg_weights = fg_logits.softmax(dim=1)
     bg_sum = sum(bg_weights[:, j : j + 1] * n * (1 - m) for j, (n, m) in enumerate(shifts))
     fg_sum = sum(fg_weights[:, j : j + 1] * n * m for j, (n, m) in enumerate(shifts))
-    bg_count = sum(1 - m for _, m in shifts).clamp_min(1e-8)
-    fg_count = sum(m for _, m in shifts).clamp_min(1e-8)
+    bg_count = cast(torch.Tensor, sum(1 - m for _, m in shifts)).clamp_min(1e-8)
+    fg_count = cast(torch.Tensor, sum(m for _, m in shifts)).clamp_min(1e-8)
     out = fg_sum / fg_count + bg_sum / bg_count
     return out.reshape(count, width, patches).transpose(1, 2)
 
