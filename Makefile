@@ -10,10 +10,10 @@ ORT ?= cpu
 PIP_VERSION := 26.3
 STUBS := tensorrt-stubs==10.13.0.35.1
 ifeq ($(ORT),gpu)
-EXTRAS := gpu,dev,serve
+EXTRAS := gpu,dev,serve,filo
 LOCK := locks/gpu.txt
 else
-EXTRAS := cpu,dev,serve,openvino
+EXTRAS := cpu,dev,serve,openvino,filo
 LOCK := locks/cpu.txt
 endif
 
@@ -46,11 +46,11 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q pip==$(PIP_VERSION) uv
-	.lock-venv/bin/python -m pip install -q -e ".[cpu,dev,serve,openvino]"
-	( echo "# make lock: cpu,dev,serve,openvino extras; $$(.lock-venv/bin/python -V)"; \
+	.lock-venv/bin/python -m pip install -q -e ".[cpu,dev,serve,openvino,filo]"
+	( echo "# make lock: cpu,dev,serve,openvino,filo extras; $$(.lock-venv/bin/python -V)"; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable ) > locks/cpu.txt
 	grep -v -i -E '^(onnxruntime|openvino|openvino-telemetry)==' locks/cpu.txt > .lock-venv/gpu-c.txt
-	.lock-venv/bin/uv pip compile -q pyproject.toml --extra gpu --extra dev --extra serve \
+	.lock-venv/bin/uv pip compile -q pyproject.toml --extra gpu --extra dev --extra serve --extra filo \
 	    -c .lock-venv/gpu-c.txt --python-version 3.11 \
 	    --python-platform x86_64-manylinux_2_35 --no-header -o locks/gpu.txt
 	rm -rf .lock-venv
