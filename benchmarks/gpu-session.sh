@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #5 (kernels) and #6 (bench), in a few device calls.
+# The GPU checks of issues #5 (kernels), #6 (bench) and #12 (both methods side by side), in a
+# few device calls.
 #
 # Here, with network access (once per session):
 #   benchmarks/gpu-session.sh fetch
@@ -8,7 +9,8 @@
 # There (device tool: carry [".whl", "shared"], command `bash benchmarks/gpu-session.sh STEP`):
 #   check    nvidia-smi, versions, the gpu/tensorrt-marked tests, AOT kernel build for the GPU,
 #            and the kernel microbenchmark                                   (a few minutes)
-#   bench    `fbclip-edge bench` for ViT-L-14-336 @ 518, batch 1, 8, 32, every GPU backend,
+#   bench    `fbclip-edge bench --method all` (FB-CLIP and AnomalyCLIP) for ViT-L-14-336 @ 518,
+#            batch 1, 8, 32, every GPU backend,
 #            started detached (it can outlast one 10-minute call); then
 #   wait     polls up to 9 minutes and copies whatever is finished into $OUT (call again
 #            until it reports "done"). Call it right after `bench`: a machine with no call in
@@ -22,7 +24,7 @@ out=${OUT:-bench-out/gpu-session}
 run_dir=/tmp/fbclip-gpu-bench
 wheels=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4)
 # BENCH_ARGS overrides the bench arguments (e.g. a quick dry run of the steps on a CPU).
-default_args="--backbone ViT-L-14-336 --image-size 518 --batch 1,8,32 --max-seconds 30 \
+default_args="--method all --backbone ViT-L-14-336 --image-size 518 --batch 1,8,32 --max-seconds 20 \
 --backends torch-eager-fp32,torch-fp16-sdpa,torch-compile,onnxruntime-cuda,onnxruntime-tensorrt,tensorrt"
 read -r -a bench_args <<<"${BENCH_ARGS:-$default_args}"
 
@@ -38,6 +40,8 @@ fetch)
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "${wheels[@]}"
   mkdir -p shared/fixtures
+  # only FB-CLIP's fixture fits the 64 MiB carry beside the wheels (AnomalyCLIP's is 42 MiB);
+  # the AnomalyCLIP rows of the bench use random weights, which time the same.
   cp -r ../shared/fixtures/fbclip-reference-tiny shared/fixtures/
   du -sh .whl shared
   ;;

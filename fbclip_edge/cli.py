@@ -310,9 +310,12 @@ def eval_command(
         Path | None, typer.Option(help="Model folder (runs with --backend torch).")
     ] = None,
     artifacts: Annotated[
-        Path | None, typer.Option(help="Export folder (for --backend onnxruntime|tensorrt|auto).")
+        Path | None,
+        typer.Option(help="Export folder (for --backend onnxruntime|tensorrt|openvino|auto)."),
     ] = None,
-    backend: Annotated[str, typer.Option(help="torch, onnxruntime, tensorrt or auto.")] = "torch",
+    backend: Annotated[
+        str, typer.Option(help="torch, onnxruntime, tensorrt, openvino or auto.")
+    ] = "torch",
     dataset: Annotated[str, typer.Option(help="Layout: auto, mvtec, visa or meta.")] = "auto",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     categories: Annotated[
@@ -322,7 +325,10 @@ def eval_command(
     device: Annotated[str | None, typer.Option(help="Torch device (default: cuda if any).")] = None,
     precision: Annotated[
         str | None,
-        typer.Option(help="fp32 or fp16 (default: fp32 for torch, the runtime's for artifacts)."),
+        typer.Option(
+            help="fp32 or fp16; for artifacts also bf16 or int8 (default: fp32 for torch, the "
+            "runtime's for artifacts)."
+        ),
     ] = None,
     provider: Annotated[str | None, typer.Option(help="onnxruntime execution provider.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backend call.")] = 8,
@@ -372,7 +378,11 @@ def export(
     ] = None,
     batch: Annotated[str, typer.Option(help="Batch profile MIN:OPT:MAX.")] = "1:8:32",
     precision: Annotated[
-        str, typer.Option(help="fp16 (LayerNorm, Softmax, reductions in FP32) or fp32.")
+        str,
+        typer.Option(
+            help="fp16 (GPU; LayerNorm, Softmax, reductions in FP32), fp32, or for the CPU: "
+            "bf16 (OpenVINO) or int8 (static QDQ; onnxruntime and OpenVINO)."
+        ),
     ] = "fp16",
     targets: Annotated[
         str, typer.Option(help="Comma-separated: auto (onnx, + trt with a GPU), onnx, trt, triton.")
@@ -384,6 +394,13 @@ def export(
         Path | None,
         typer.Option(
             help="Images for the parity check (subfolders: good = normal); default: synthetic."
+        ),
+    ] = None,
+    calibration_frames: Annotated[
+        Path | None,
+        typer.Option(
+            help="Good images to calibrate --precision int8 on (a folder; with subfolders, "
+            "good/ is used); default: the parity images labelled good."
         ),
     ] = None,
     workspace_gb: Annotated[float, typer.Option(help="TensorRT memory-pool limit, GiB.")] = 8.0,
@@ -399,6 +416,10 @@ def export(
     from fbclip_edge.export import ParityError, export_artifacts, parity_table, read_parity_images
 
     frames, labels = read_parity_images(parity_images) if parity_images else (None, None)
+    calibration = None
+    if calibration_frames is not None:
+        found, kinds = read_parity_images(calibration_frames)
+        calibration = [f for f, k in zip(found, kinds or [0] * len(found), strict=True) if k == 0]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("export", total=None)
@@ -417,6 +438,7 @@ def export(
                 scoring=scoring,
                 parity_frames=frames,
                 parity_labels=labels,
+                calibration_frames=calibration,
                 workspace_gb=workspace_gb,
                 optimization_level=opt_level,
                 timing_cache=timing_cache,
@@ -448,7 +470,9 @@ def calibrate(
     target_fpr: Annotated[
         float, typer.Option(help="Wanted false-alarm rate on good frames.")
     ] = 0.01,
-    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="auto, torch, onnxruntime, tensorrt or openvino.")
+    ] = "auto",
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
 ) -> None:
     """Set image and pixel thresholds from known-good images; store them in the manifest."""
@@ -481,7 +505,9 @@ def predict(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     artifacts: Annotated[Path, typer.Option(help="Artifacts folder from `fbclip-edge export`.")],
     out: Annotated[Path, typer.Option(help="Folder for overlays/, results.csv and results.json.")],
-    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="auto, torch, onnxruntime, tensorrt or openvino.")
+    ] = "auto",
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
     batch: Annotated[int, typer.Option(help="Images per backend call.")] = 8,
 ) -> None:
@@ -641,7 +667,9 @@ def serve_command(
     instances: Annotated[
         int, typer.Option(help="Model instances, each with its own backend (parallel calls).")
     ] = 1,
-    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="auto, torch, onnxruntime, tensorrt or openvino.")
+    ] = "auto",
     model_name: Annotated[
         str, typer.Option(help="Model name clients ask for (+ NAME_pixels for pixels).")
     ] = "fbclip",
@@ -649,8 +677,9 @@ def serve_command(
         int, typer.Option(help="Frames with a longer side are refused, in pixels.")
     ] = 4096,
     exit_timeout_s: Annotated[
-        int, typer.Option(help="On SIGTERM, how long requests in flight may take to finish.")
-    ] = 30,
+        int,
+        typer.Option(help="On SIGTERM, how long requests and open HTTP connections may take."),
+    ] = 20,
 ) -> None:
     """Serve an export on a Triton Inference Server: KServe v2 over HTTP and gRPC, dynamic
     batching, health, Prometheus metrics; SIGTERM stops after the requests in flight."""
@@ -671,22 +700,24 @@ def serve_command(
         max_frame_side=max_frame_side,
         exit_timeout_s=exit_timeout_s,
     )
-    server = Server(config).start()
-    urls = server.urls
-    batching = (
-        f"dynamic batching up to {server.max_batch} frames, {max_queue_delay_us} us"
-        if dynamic_batching
-        else f"no dynamic batching, requests of up to {server.max_batch} frames"
-    )
-    console.print(
-        f"serving {model_name} (uint8 frames) and {model_name}_pixels: {server.backend_info}, "
-        f"{batching}, {instances} instance(s)\n"
-        f"  {urls.http}  {urls.grpc}  metrics {urls.metrics}\n"
-        "  SIGTERM or Ctrl-C stops after the requests in flight",
-        highlight=False,
-    )
-    server.serve_forever()
-    console.print("stopped: every request received was answered", highlight=False)
+
+    def ready(server: Server) -> None:
+        urls = server.urls
+        batching = (
+            f"dynamic batching up to {server.max_batch} frames, {max_queue_delay_us} us"
+            if dynamic_batching
+            else f"no dynamic batching, requests of up to {server.max_batch} frames"
+        )
+        console.print(
+            f"serving {model_name} (uint8 frames) and {model_name}_pixels: "
+            f"{server.backend_info}, {batching}, {instances} instance(s)\n"
+            f"  {urls.http}  {urls.grpc}  metrics {urls.metrics}\n"
+            "  SIGTERM or Ctrl-C stops after the requests in flight",
+            highlight=False,
+        )
+
+    Server(config).serve_forever(on_ready=ready)
+    console.print("stopped after answering the requests in flight", highlight=False)
 
 
 @app.command("loadtest")
@@ -704,7 +735,7 @@ def loadtest_command(
     frames: Annotated[int, typer.Option(help="Frames each client sends.")] = 16,
     frame_size: Annotated[str, typer.Option(help="Camera frame WIDTHxHEIGHT.")] = "640x480",
     maps: Annotated[
-        str, typer.Option(help="Outputs asked for: full, patch, mask or score.")
+        str, typer.Option(help="Outputs asked for, comma-separated: full, patch, mask, score.")
     ] = "full",
     protocol: Annotated[str, typer.Option(help="http or grpc.")] = "http",
     batching: Annotated[
@@ -713,7 +744,7 @@ def loadtest_command(
     max_batch: Annotated[int, typer.Option(help="Server's largest batch.")] = 8,
     max_queue_delay_us: Annotated[int, typer.Option(help="Server's queue delay, us.")] = 2000,
     backend: Annotated[
-        str, typer.Option(help="Server backend: auto, torch, onnxruntime.")
+        str, typer.Option(help="Server backend (as `fbclip-edge serve --backend`).")
     ] = "auto",
     max_seconds: Annotated[
         float, typer.Option(help="Per run: no client sends after this many seconds.")
@@ -750,7 +781,7 @@ def loadtest_command(
             clients=counts,
             frames=frames,
             frame_size=size,
-            maps=maps,
+            maps=tuple(maps.split(",")),
             protocol=protocol,
             batching=_batching_modes(batching),
             max_batch=max_batch,
@@ -764,9 +795,16 @@ def loadtest_command(
     else:
         with console.status("load test"):
             report = run_existing(
-                url or "", counts, frames, size, maps, model_name, max_seconds, command
+                url or "",
+                clients=counts,
+                frames=frames,
+                frame_size=size,
+                maps=tuple(maps.split(",")),
+                model=model_name,
+                max_seconds=max_seconds,
+                command=command,
             )
         label = model_name
-    console.print(report_markdown(report), highlight=False)
+    console.print(report_markdown(report), highlight=False, soft_wrap=True)
     json_path, md_path = write_report(report, out or default_out_dir(report, label))
     console.print(f"wrote {json_path} and {md_path}")

@@ -31,7 +31,7 @@ from fbclip_edge.runtime.base import Backend, TorchBackend
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino", "auto")
 METRIC_LABELS = {
     "image_auroc": "I-AUROC",
     "image_ap": "I-AP",

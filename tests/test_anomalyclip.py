@@ -510,3 +510,10 @@ def test_vision_graph_exports_to_onnx_with_a_dynamic_batch(tiny, tmp_path):
         expected = model.encode_maps(pixels)
     assert exported.shape == tuple(expected.shape)
     assert abs(exported - expected.numpy()).max() < 1e-4
+    # onnxruntime runs attention as written: the dual-path blocks' plain and V-V attention
+    # are two calls, each holding one block's (B, H, T, T) scores, not one stacked (2B, ...).
+    from onnx_scores import softmax_shapes, square_scores
+
+    heads = int(model.clip.visual.transformer.resblocks[0].attn.num_heads)
+    scores = square_scores(softmax_shapes(path, pixels.numpy()), (28 // 14) ** 2 + 1)
+    assert scores and max(scores) == 3 * heads

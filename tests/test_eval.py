@@ -176,7 +176,7 @@ def test_backend_selection_errors(squares, tmp_path, monkeypatch):
     with pytest.raises(FBClipError, match="exactly one"):
         EvalConfig(data=squares)
     with pytest.raises(FBClipError, match="--backend"):
-        EvalConfig(data=squares, model=tmp_path, backend="openvino")
+        EvalConfig(data=squares, model=tmp_path, backend="tflite")
     with pytest.raises(FBClipError, match="--artifacts"):
         open_backend(EvalConfig(data=squares, model=tmp_path, backend="onnxruntime"))
     with pytest.raises(FBClipError, match="not an artifacts folder.*fbclip-edge export"):

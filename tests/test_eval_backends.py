@@ -58,10 +58,15 @@ def test_eval_command_same_metrics_torch_and_onnxruntime(
         reports[backend] = json.loads(out.read_text())
     torch_report, ort_report = reports["torch"], reports["onnxruntime"]
     assert ort_report["backend"]["name"] == "onnxruntime"
+    # pixel_aupro_200 (the public code bases' variant) rescales the FPRs of the few of its
+    # 200 thresholds under 0.3 by their own min and max, so on maps this flat (the tiny
+    # fixture spans 0.500..0.516) float32 differences of 2e-7 between the two backends move it
+    # by ~2e-3; the exact AU-PRO (pixel_aupro) and every other metric stay within 1e-4.
+    loose = {"pixel_aupro_200": 5e-3}
     compared = 0
     for key, value in torch_report["mean"].items():
         other = ort_report["mean"][key]
         if isinstance(value, float) and not math.isnan(value):
-            assert abs(value - other) <= 1e-4, (key, value, other)
+            assert abs(value - other) <= loose.get(key, 1e-4), (key, value, other)
             compared += 1
     assert compared >= 8

@@ -163,6 +163,24 @@ def test_fp32_and_fp16_graphs_agree_with_torch(exported, model):
         assert np.abs(maps - expected).max() / np.abs(expected).max() < tolerance, name
 
 
+def test_cpu_graphs_hold_one_chunk_of_attention_scores_at_a_time(exported, model):
+    """onnxruntime runs a graph's attention as written (MatMul-Softmax-MatMul), so no Softmax
+    may hold the FB attention's scores of every map at once, (B*M, H, T, T), nor an N x N
+    SEM matrix: each FB attention call holds at most one CLIP block's scores (or one map's)."""
+    from onnx_scores import softmax_shapes, square_scores
+
+    cfg, batch = model.config, 2
+    tokens = cfg.grid_size**2 + 1
+    clip_heads = int(model.clip.visual.transformer.resblocks[0].attn.num_heads)
+    bound = batch * max(clip_heads, cfg.fb_heads * model.fb_attention.maps_per_call)
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
+    for name in ("vision.onnx", "vision.fp16.onnx"):
+        shapes = softmax_shapes(exported[0].artifacts / name, pixels)
+        scores = square_scores(shapes, tokens)
+        assert scores and max(scores) <= bound < batch * cfg.num_maps * cfg.fb_heads, name
+        assert square_scores(shapes, tokens - 1) == [], name
+
+
 def test_parity_report_is_written_and_passes(exported):
     result, _ = exported
     report = result.parity
@@ -267,7 +285,7 @@ def test_option_parsing_errors_name_the_fix():
     assert BatchProfile.parse("1:8:32") == BatchProfile(1, 8, 32)
     assert BatchProfile.parse("4") == BatchProfile(4, 4, 4)
     for call, match in [
-        (lambda: parse_precision("int8"), "fp32|fp16"),
+        (lambda: parse_precision("int4"), "fp32|fp16|bf16|int8"),
         (lambda: parse_scoring("fused"), "kernel|graph"),
         (lambda: parse_targets("onnx,tflite"), "onnx|trt"),
         (lambda: parse_targets(""), "empty"),

@@ -83,9 +83,10 @@ def test_sdpa_formula_matches_torch_where_torch_counts_it():
 
 def test_vit_l_14_336_at_518_flops_split():
     count = forward_flops(FBCLIPConfig(backbone_config("ViT-L-14-336"), image_size=518))
-    # Backbone: 24 blocks of 1370 tokens at width 1024 dominate; heads are the 15 FB views.
+    # Backbone: 24 blocks of 1370 tokens at width 1024 dominate; heads are the 15 FB views
+    # (the SEM view's group sums are O(N Dv), so no N x N attention is counted).
     assert 1.0e12 < count.backbone < 1.03e12
-    assert 3.7e11 < count.heads < 3.9e11
+    assert 3.3e11 < count.heads < 3.5e11
 
 
 def test_device_side_preprocess_is_close_to_pil():

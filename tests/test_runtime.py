@@ -99,11 +99,13 @@ def test_auto_picks_the_fastest_available_and_says_why(artifacts):
 
 def test_auto_falls_back_to_torch_without_onnxruntime(artifacts, monkeypatch):
     import fbclip_edge.runtime.onnxruntime as ort_backend
+    import fbclip_edge.runtime.openvino as ov_backend
 
     monkeypatch.setattr(ort_backend, "available_providers", lambda: [])
+    monkeypatch.setattr(ov_backend, "openvino_available", lambda: False)
     backend = open_backend(artifacts, device="cpu")
     assert backend.info.name == "torch"
-    assert "not onnxruntime: not installed" in backend.info.details["selected"]
+    assert "not onnxruntime or openvino: not installed" in backend.info.details["selected"]
 
 
 def test_missing_provider_is_a_clear_error(artifacts):
@@ -115,11 +117,15 @@ def test_missing_provider_is_a_clear_error(artifacts):
 
 def test_bad_options_are_clear_errors(artifacts):
     cases = [
-        (dict(backend="openvino"), "backend must be one of"),
+        (dict(backend="tflite"), "backend must be one of"),
         (dict(backend="onnxruntime", provider="rocm"), "provider must be one of"),
         (dict(backend="torch", provider="cpu"), "provider applies to backend='onnxruntime'"),
         (dict(backend="onnxruntime", cuda_graph=True), "cuda_graph applies to"),
-        (dict(backend="onnxruntime", precision="int8"), "precision must be fp32 or fp16"),
+        (dict(backend="onnxruntime", precision="int4"), "precision must be fp32 or fp16 or"),
+        (dict(backend="onnxruntime", provider="cpu", precision="int8"), "no int8 vision graph"),
+        (dict(backend="openvino", device="cuda"), "openvino' runs on the CPU"),
+        (dict(backend="torch", precision="int8"), "backend='torch' runs fp32 or fp16"),
+        (dict(backend="torch", threads=2), "threads takes a count"),
         (dict(backend="onnxruntime", provider="cpu", precision="fp16"), "no fp16 vision graph"),
     ]
     for options, match in cases:

@@ -80,6 +80,18 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class CpuTiming:
+    """Milliseconds per image of each CPU runtime the export's parity check ran, on the
+    exporting CPU (best of the parity batches after the first): runtime.open's 'auto'
+    picks the fastest of these when it runs on the same CPU model and core count."""
+
+    cpu: str
+    logical_cores: int
+    batch: int
+    ms_per_image: dict[str, float]  # "<backend> <precision>", e.g. "openvino int8"
+
+
+@dataclass(frozen=True)
 class ModelRef:
     """The model folder the artifacts came from (the torch backend reloads it)."""
 
@@ -117,6 +129,7 @@ class Manifest:
     score_rule: str = "logit_sum"
     timing_cache: str | None = None
     parity: str | None = None
+    cpu_timing: CpuTiming | None = None
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
     created: str = field(
@@ -184,6 +197,7 @@ def _build(data: dict[str, Any]) -> Manifest:
         batch=BatchProfile(**data["batch"]),
         graphs=graphs,
         engines=engines,
+        cpu_timing=CpuTiming(**data["cpu_timing"]) if data.get("cpu_timing") else None,
         extra={k: v for k, v in data.items() if k not in known},
     )
     return Manifest(**values)
@@ -260,6 +274,8 @@ def verify_files(manifest: Manifest, folder: str | Path, names: list[str]) -> No
 
 def export_command(manifest: Manifest, artifacts: str | Path, targets: str = "onnx,trt") -> str:
     """The command that rebuilds these artifacts, for error messages."""
+    if manifest.precision.cpu_only:  # bf16 and int8 build no engine
+        targets = "onnx"
     return (
         f"fbclip-edge export --model {manifest.model.path} --out {artifacts} "
         f"--image-size {manifest.image_size} --batch {manifest.batch} "

@@ -10,10 +10,24 @@ from fbclip_edge.errors import FBClipError
 
 
 class Precision(str, Enum):
-    """Compute precision of the engine; ONNX graphs are always exported in float32 too."""
+    """Compute precision of the export; ONNX graphs are always exported in float32 too.
+
+    fp16: a mixed-precision graph (and engine) for GPUs. bf16 and int8 are CPU precisions:
+    int8 adds a statically quantized QDQ graph (`vision.int8.onnx`); bf16 adds no graph,
+    since onnxruntime's CPU provider has no bf16 MatMul/Gemm kernels: OpenVINO runs the
+    float32 graph with INFERENCE_PRECISION_HINT=bf16 (its own bf16 conversion, measured
+    1.35x its float32 on a Xeon with AMX), and the manifest's precision says to do so.
+    """
 
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+    @property
+    def cpu_only(self) -> bool:
+        """bf16 and int8 run on the CPU runtimes (onnxruntime CPU, OpenVINO), not TensorRT."""
+        return self in (Precision.BF16, Precision.INT8)
 
 
 class Scoring(str, Enum):
@@ -50,7 +64,7 @@ def _choice(kind: type[Enum], value: object, option: str) -> Enum:
 
 
 def parse_precision(value: str | Precision) -> Precision:
-    """'fp16' | 'fp32' -> Precision."""
+    """'fp16' | 'fp32' | 'bf16' | 'int8' -> Precision."""
     return _choice(Precision, value, "--precision")  # type: ignore[return-value]
 
 
@@ -153,7 +167,15 @@ class Tolerance:
     map: float
 
 
+# bf16 and int8 keep the issue's starting point, score 1e-2 and map 2e-2. Measured (max abs
+# on the 6 synthetic parity frames): the FB-CLIP fixture at 112 px reaches 4e-4 / 5e-4 in
+# bf16 (OpenVINO) and 1e-3 / 1.4e-3 in int8 (onnxruntime and OpenVINO); AnomalyCLIP's
+# random-weight tiny model at 56 px, whose 4x4-patch maps move most, 2e-3 / 8e-3 in bf16 and
+# 3e-3 / 1e-2 in int8 (3e-2 when calibrated on 2 plates only: calibrate on several good
+# frames). See tests/test_cpu_precisions.py.
 DEFAULT_TOLERANCES: dict[Precision, Tolerance] = {
     Precision.FP32: Tolerance(score=1e-4, map=1e-4),
     Precision.FP16: Tolerance(score=5e-3, map=1e-2),
+    Precision.BF16: Tolerance(score=1e-2, map=2e-2),
+    Precision.INT8: Tolerance(score=1e-2, map=2e-2),
 }

@@ -24,24 +24,38 @@ from fbclip_edge.runtime import Backend, TorchBackend
 
 BASELINE = "torch-eager-fp32"
 TORCH_BACKENDS = (BASELINE, "torch-fp16-sdpa", "torch-compile")
-EXPORTED_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+# CPU runtimes in the CPU precisions. No onnxruntime-cpu-bf16: onnxruntime's CPU provider
+# has no bf16 MatMul/Gemm kernels (1.32), OpenVINO runs bf16.
+CPU_EXPORTED_BACKENDS = (
+    "onnxruntime-cpu",
+    "onnxruntime-cpu-int8",
+    "openvino-cpu-fp32",
+    "openvino-cpu-bf16",
+    "openvino-cpu-int8",
+)
+EXPORTED_BACKENDS = CPU_EXPORTED_BACKENDS + ("onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
 ALL_BACKENDS = TORCH_BACKENDS + EXPORTED_BACKENDS
 
-# (runtime.open backend, provider) per exported backend name.
-_OPEN_ARGS: dict[str, tuple[str, str | None]] = {
-    "onnxruntime-cpu": ("onnxruntime", "cpu"),
-    "onnxruntime-cuda": ("onnxruntime", "cuda"),
-    "onnxruntime-tensorrt": ("onnxruntime", "tensorrt"),
-    "tensorrt": ("tensorrt", None),
+# (runtime.open backend, provider, precision) per exported backend name; None: the default.
+_OPEN_ARGS: dict[str, tuple[str, str | None, str | None]] = {
+    "onnxruntime-cpu": ("onnxruntime", "cpu", "fp32"),
+    "onnxruntime-cpu-int8": ("onnxruntime", "cpu", "int8"),
+    "openvino-cpu-fp32": ("openvino", None, "fp32"),
+    "openvino-cpu-bf16": ("openvino", None, "bf16"),
+    "openvino-cpu-int8": ("openvino", None, "int8"),
+    "onnxruntime-cuda": ("onnxruntime", "cuda", None),
+    "onnxruntime-tensorrt": ("onnxruntime", "tensorrt", None),
+    "tensorrt": ("tensorrt", None, None),
 }
 _ORT_PROVIDERS = {
     "onnxruntime-cpu": "CPUExecutionProvider",
+    "onnxruntime-cpu-int8": "CPUExecutionProvider",
     "onnxruntime-cuda": "CUDAExecutionProvider",
     "onnxruntime-tensorrt": "TensorrtExecutionProvider",
 }
 GPU_ORT_CPU_REASON = (
-    "not in the default list on a CUDA machine: the CPU provider is not the deployment path "
-    "next to a GPU (and is slow on large models); pass --backends onnxruntime-cpu to include it"
+    "not in the default list on a CUDA machine: the CPU runtimes are not the deployment path "
+    "next to a GPU (and are slow on large models); pass --backends {name} to include it"
 )
 CPU_COMPILE_REASON = (
     "not in the default list on CPU: inductor takes from 40 s to over 2 min per batch size "
@@ -92,7 +106,26 @@ def _torch_reason(name: str, cuda: bool) -> str | None:
     return None
 
 
+def _cpu_reason(name: str) -> str | None:
+    """Why a CPU-precision backend cannot run here: OpenVINO missing, or the CPU lacks the
+    instructions of its precision (it would be refused at load time)."""
+    from fbclip_edge.runtime.cpu_features import detect
+    from fbclip_edge.runtime.openvino import openvino_available
+
+    if name.startswith("openvino-") and not openvino_available():
+        return "openvino is not installed (pip install fbclip-edge[openvino])"
+    precision = _OPEN_ARGS[name][2]
+    missing = detect().lacks(precision) if precision else ()
+    if missing:
+        return f"this CPU has none of {', '.join(missing)}, which {precision} needs"
+    return None
+
+
 def _exported_reason(name: str, cuda: bool) -> str | None:
+    if name in CPU_EXPORTED_BACKENDS:
+        reason = _cpu_reason(name)
+        if reason:
+            return reason
     if name in _ORT_PROVIDERS:
         providers = onnxruntime_providers()
         if providers is None:
@@ -128,8 +161,8 @@ def default_backends() -> tuple[list[str], dict[str, str]]:
         reason = skip_reason(name)
         if reason is None and name == "torch-compile" and not torch.cuda.is_available():
             reason = CPU_COMPILE_REASON
-        if reason is None and name == "onnxruntime-cpu" and torch.cuda.is_available():
-            reason = GPU_ORT_CPU_REASON
+        if reason is None and name in CPU_EXPORTED_BACKENDS and torch.cuda.is_available():
+            reason = GPU_ORT_CPU_REASON.format(name=name)
         if reason is None:
             chosen.append(name)
         else:
@@ -225,13 +258,24 @@ class ExportPlan:
 
 
 def export_plan(names: list[str], batches: tuple[int, ...]) -> ExportPlan:
-    """float16 graphs (and a TensorRT engine when `tensorrt` runs) on CUDA, float32 ONNX on
-    CPU; a batch profile spanning the measured batch sizes, tuned for the middle one."""
+    """float16 graphs (and a TensorRT engine when `tensorrt` runs) on CUDA; on the CPU int8
+    when an int8 backend runs (its folder also holds the float32 graphs the fp32 and bf16
+    backends open), else bf16 when openvino-cpu-bf16 runs, else float32 ONNX. A batch
+    profile spanning the measured batch sizes, tuned for the middle one. CPU-precision
+    backends asked for next to GPU ones find no int8 graph and fail with the re-export hint."""
     ordered = sorted(batches)
     profile = f"{ordered[0]}:{ordered[len(ordered) // 2]}:{ordered[-1]}"
-    gpu = any(name != "onnxruntime-cpu" for name in names) and torch.cuda.is_available()
+    gpu = any(name not in CPU_EXPORTED_BACKENDS for name in names) and torch.cuda.is_available()
     targets = "onnx,trt" if "tensorrt" in names else "onnx"
-    return ExportPlan("fp16" if gpu else "fp32", targets, profile)
+    if gpu:
+        precision = "fp16"
+    elif any(name.endswith("-int8") for name in names):
+        precision = "int8"
+    elif "openvino-cpu-bf16" in names:
+        precision = "bf16"
+    else:
+        precision = "fp32"
+    return ExportPlan(precision, targets, profile)
 
 
 def export_for_bench(model: Any, model_dir: Path | None, scratch: Path, plan: ExportPlan) -> Path:
@@ -270,9 +314,11 @@ def build_exported_backend(name: str, artifacts: Path) -> BenchBackend:
     opener = _open_runtime()
     if opener is None:
         raise FBClipError("fbclip_edge.runtime.open is not available in this install")
-    backend_name, provider = _OPEN_ARGS[name]
+    backend_name, provider, precision = _OPEN_ARGS[name]
     start = time.perf_counter()
-    runtime_backend = opener(artifacts, backend=backend_name, provider=provider)
+    runtime_backend = opener(
+        artifacts, backend=backend_name, provider=provider, precision=precision
+    )
     setup = time.perf_counter() - start
     info = runtime_backend.info
     device = torch.device(getattr(runtime_backend, "input_device", None) or info.device)

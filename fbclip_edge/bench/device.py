@@ -23,6 +23,7 @@ _VERSION_PACKAGES: dict[str, tuple[str, ...]] = {
     "fbclip_edge": ("fbclip-edge",),
     "torch": ("torch",),
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "openvino": ("openvino",),
     "onnx": ("onnx",),
     "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_libs"),
     "triton": ("triton", "pytorch-triton"),
@@ -73,6 +74,10 @@ class DeviceInfo:
     cpu_model: str
     cpu_logical_cores: int
     torch_threads: int
+    # Physical cores (None where cpuinfo does not say) and the ISA flags reduced precision
+    # depends on (AVX-512, VNNI, bf16, AMX; fbclip_edge.runtime.cpu_features).
+    cpu_physical_cores: int | None
+    cpu_isa: list[str]
     host_memory_bytes: int | None
     platform: str
     python: str
@@ -104,20 +109,12 @@ def cpu_model() -> str:
     """'model name' from /proc/cpuinfo (x86), else 'Model'/'Hardware' (ARM), else platform.
 
     Cloud VMs often report a bare name ('AMD EPYC'); the x86 family and model numbers are
-    then appended, since they tell the CPU generation.
+    then appended, since they tell the CPU generation (fbclip_edge.runtime.cpu_features,
+    which the runtime's 'auto' matches export timings by).
     """
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-        for key in ("model name", "Model", "Hardware"):
-            match = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
-            if match:
-                name = match.group(1).strip()
-                family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.MULTILINE)
-                model = re.search(r"^model\s*:\s*(\d+)$", text, re.MULTILINE)
-                if not re.search(r"\d", name) and family and model:
-                    name += f" (family {family.group(1)}, model {model.group(1)})"
-                return name
-    return platform.processor() or platform.machine()
+    from fbclip_edge.runtime.cpu_features import detect
+
+    return detect().model
 
 
 def host_memory_bytes() -> int | None:
@@ -233,15 +230,20 @@ def load_average() -> tuple[float, float, float] | None:
 
 def describe_device() -> DeviceInfo:
     """Describe this machine once per run (a few tool calls, well under a second)."""
+    from fbclip_edge.runtime.cpu_features import detect
+
     cpu = cpu_model()
     cores = os.cpu_count() or 1
     gpu = gpu_info()
     jetson = jetson_info()
+    features = detect()
     return DeviceInfo(
         label=device_label(gpu, jetson, cpu, cores),
         cpu_model=cpu,
         cpu_logical_cores=cores,
         torch_threads=torch.get_num_threads(),
+        cpu_physical_cores=features.physical_cores,
+        cpu_isa=features.isa,
         host_memory_bytes=host_memory_bytes(),
         platform=platform.platform(),
         python=platform.python_version(),

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
+import json
 import re
 import shlex
 import sys
@@ -670,8 +671,24 @@ class _Artifacts:
         return (
             f"exported for this run ({self.method}): {plan.precision}, targets {plan.targets}, "
             f"batch profile {plan.batch_profile}, kernel scoring; took "
-            f"{self.export_seconds:.1f} s (not part of any timing)"
+            f"{self.export_seconds:.1f} s (not part of any timing)" + _parity_note(self.made)
         )
+
+
+def _parity_note(artifacts: Path | None) -> str:
+    """'; parity vs torch fp32 (score / map max abs): vision.onnx 6e-08 / 3e-07, ...'."""
+    from fbclip_edge.artifacts.manifest import PARITY
+
+    path = None if artifacts is None else artifacts / PARITY
+    if path is None or not path.is_file():
+        return ""
+    rows = json.loads(path.read_text()).get("rows", [])
+    parts = [
+        f"{row['target']} {row['score_max_abs']:.1g} / {row['map_max_abs']:.1g}"
+        for row in rows
+        if row.get("score_max_abs") is not None and row.get("map_max_abs") is not None
+    ]
+    return f"; parity vs torch fp32 (score / map max abs): {', '.join(parts)}" if parts else ""
 
 
 def _build(name: str, model: Any, artifacts: _Artifacts) -> BenchBackend:

@@ -174,10 +174,25 @@ def not_measured(results: BenchResults) -> list[tuple[str, str, str, str]]:
     return [(", ".join(methods), *key) for key, methods in found.items()]
 
 
+def isa_summary(flags: list[str]) -> str:
+    """'AVX-512 VNNI BF16 AMX'-style marks of the reduced-precision instructions present."""
+    marks = (
+        ("AVX-512", {"avx512f"}),
+        ("VNNI", {"avx512_vnni", "avx_vnni", "amx_int8"}),
+        ("BF16", {"avx512_bf16", "amx_bf16"}),
+        ("AMX", {"amx_tile"}),
+    )
+    found = [name for name, wanted in marks if wanted & set(flags)]
+    return " ".join(found) or ("AVX2" if "avx2" in flags else "no AVX2")
+
+
 def device_line(results: BenchResults) -> str:
     """One line naming the hardware, for titles and summaries."""
     device = results.device
-    cpu = f"{device.cpu_model} ({device.cpu_logical_cores} logical cores)"
+    cpu = (
+        f"{device.cpu_model} ({device.cpu_logical_cores} logical cores, "
+        f"{isa_summary(device.cpu_isa)})"
+    )
     if device.jetson is not None:
         return f"{device.jetson.model}, power mode {device.jetson.power_mode or '?'}; {cpu}"
     if device.gpu is not None:
@@ -248,7 +263,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _environment_lines(results: BenchResults) -> list[str]:
     device = results.device
-    lines = [f"- CPU: {device.cpu_model}, {device.cpu_logical_cores} logical cores, torch "
+    physical = device.cpu_physical_cores or "?"
+    lines = [f"- CPU: {device.cpu_model}, {device.cpu_logical_cores} logical cores "
+             f"({physical} physical), ISA {' '.join(device.cpu_isa) or 'none reported'}, torch "
              f"threads {device.torch_threads}, load average (1/5/15 min) at start "
              f"{device.load_average_at_start}, at end {results.load_average_at_end}"]
     if device.gpu is not None:
@@ -466,6 +483,8 @@ def recorded_runs_table(root: str | Path = "benchmarks/results") -> str:
     rows = []
     for path in sorted(Path(root).glob("*/*/" + JSON_NAME)):
         data = json.loads(path.read_text())
+        if "measurements" not in data:  # another tool's results (e.g. the serve load test)
+            continue
         models = {m.get("method", "fbclip"): m for m in data.get("models") or [data["model"]]}
         measured = [{"method": "fbclip", **m} for m in data["measurements"]]
         device = data["device"]

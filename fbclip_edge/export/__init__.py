@@ -20,6 +20,7 @@ from fbclip_edge.artifacts.manifest import (
     PARITY,
     TEXT_FEATURES,
     TIMING_CACHE,
+    CpuTiming,
     Manifest,
     ModelRef,
     read_manifest,
@@ -58,6 +59,7 @@ from fbclip_edge.export.parity import (
 )
 from fbclip_edge.export.triton_repo import write_triton_repository
 from fbclip_edge.methods import AnomalyModel
+from fbclip_edge.preprocess import preprocess
 
 Progress = Callable[[str, int, int], None]
 
@@ -71,12 +73,16 @@ class ExportResult:
     parity: ParityReport | None
 
 
-def _tool_versions(with_tensorrt: bool) -> dict[str, str]:
+def _tool_versions(with_tensorrt: bool, with_openvino: bool = False) -> dict[str, str]:
     found = {**versions(), "onnx": onnx.__version__}
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
         found["onnxruntime"] = onnxruntime.__version__
+    if with_openvino:
+        import openvino
+
+        found["openvino"] = str(openvino.get_version())
     if with_tensorrt:
         import tensorrt
 
@@ -100,9 +106,29 @@ class _Steps:
             self.callback("done", self.total, self.total)
 
 
+def _cpu_parity_targets(manifest: Manifest, role: GraphRole) -> list[tuple[str, dict]]:
+    """The CPU precision's runs: int8 on onnxruntime and (when installed) OpenVINO, bf16 on
+    OpenVINO (the float32 graph compiled to bf16)."""
+    from fbclip_edge.runtime.openvino import openvino_available
+
+    plans: list[tuple[str, dict]] = []
+    precision = manifest.precision.value
+    if manifest.precision == Precision.INT8:
+        spec = manifest.graph(role, Precision.INT8)
+        assert spec is not None  # export_artifacts wrote it
+        plans.append((spec.file, {"backend": "onnxruntime", "provider": "cpu"}))
+        if openvino_available():
+            plans.append((f"{spec.file} (openvino)", {"backend": "openvino", "device": "cpu"}))
+    elif manifest.precision == Precision.BF16:
+        spec = manifest.graph(role)
+        assert spec is not None
+        plans.append((f"{spec.file} (openvino bf16)", {"backend": "openvino", "device": "cpu"}))
+    return [(label, {**options, "precision": precision}) for label, options in plans]
+
+
 def _parity_targets(manifest: Manifest, targets: Iterable[Target]) -> list[tuple[str, dict]]:
     """(label, runtime.open kwargs) for every built target: each ONNX graph of the scoring
-    role on the best onnxruntime provider, and the engine."""
+    role on the best onnxruntime provider, the CPU precision's runs, and the engine."""
     from fbclip_edge.runtime.onnxruntime import available_providers
 
     role = GraphRole.VISION if manifest.scoring == Scoring.KERNEL else GraphRole.FULL
@@ -110,7 +136,7 @@ def _parity_targets(manifest: Manifest, targets: Iterable[Target]) -> list[tuple
     plans: list[tuple[str, dict]] = []
     if Target.ONNX in targets:
         for spec in manifest.graphs:
-            if spec.role == role:
+            if spec.role == role and not spec.precision.cpu_only:
                 plans.append(
                     (
                         spec.file,
@@ -121,9 +147,59 @@ def _parity_targets(manifest: Manifest, targets: Iterable[Target]) -> list[tuple
                         },
                     )
                 )
+    plans += _cpu_parity_targets(manifest, role)
     if Target.TRT in targets and manifest.engine() is not None:
         plans.append((manifest.engine().file, {"backend": "tensorrt"}))  # type: ignore[union-attr]
     return plans
+
+
+def _check_cpu_precision(
+    wanted: Precision, chosen: tuple[Target, ...], targets: object
+) -> tuple[Target, ...]:
+    """bf16 and int8 are gated on this CPU, so it must have their instructions, and they
+    build no engine: 'auto' targets drop trt, an explicit trt is an error."""
+    from fbclip_edge.runtime.cpu_features import detect
+    from fbclip_edge.runtime.openvino import openvino_available
+
+    if not wanted.cpu_only:
+        return chosen
+    refusal = detect().refusal(
+        wanted,
+        "export on a CPU that has them (the parity check runs what deploys), or use "
+        "--precision fp32",
+    )
+    if refusal is not None:
+        raise FBClipError(refusal)
+    if wanted == Precision.BF16 and not openvino_available():
+        raise FBClipError(
+            "--precision bf16 runs on OpenVINO (onnxruntime's CPU provider has no bf16 "
+            "kernels); install fbclip-edge[openvino], or use --precision int8 or fp32"
+        )
+    if Target.TRT not in chosen:
+        return chosen
+    if "auto" not in str(targets).lower():
+        raise FBClipError(
+            f"--precision {wanted.value} is a CPU precision (onnxruntime, OpenVINO) and "
+            "TensorRT builds fp16 or fp32 engines; drop trt from --targets, or use --precision fp16"
+        )
+    return tuple(target for target in chosen if target != Target.TRT)
+
+
+def _calibration_pixels(
+    calibration: Sequence[np.ndarray] | None,
+    frames: Sequence[np.ndarray] | None,
+    labels: Sequence[int] | None,
+    image_size: int,
+) -> torch.Tensor:
+    """Good frames for int8 calibration: the given ones, else the parity frames labelled
+    good (every one when unlabelled), the synthetic plain plates by default."""
+    if calibration is not None:
+        if not len(calibration):
+            raise FBClipError("no calibration frames given; pass a folder of good images")
+        return preprocess(list(calibration), image_size)
+    pixels, known, _ = prepare_images(frames, labels, image_size)
+    good = [index for index, label in enumerate(known or []) if label == 0]
+    return pixels[good] if good else pixels
 
 
 def export_artifacts(
@@ -137,6 +213,7 @@ def export_artifacts(
     scoring: str | Scoring = "kernel",
     parity_frames: Sequence[np.ndarray] | None = None,
     parity_labels: Sequence[int] | None = None,
+    calibration_frames: Sequence[np.ndarray] | None = None,
     tolerances: dict[Precision, Tolerance] | None = None,
     workspace_gb: float = 8.0,
     optimization_level: int = 3,
@@ -145,10 +222,17 @@ def export_artifacts(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Write `out` atomically: graphs, text features, map weights, engine, timing cache,
-    manifest.json and parity.json; raise ParityError (nothing written) when over tolerance."""
+    manifest.json and parity.json; raise ParityError (nothing written) when over tolerance.
+
+    precision bf16 and int8 are CPU precisions, gated on this CPU (see Precision): int8
+    adds `<role>.int8.onnx`, calibrated on `calibration_frames` (good frames; default: the
+    parity frames labelled good), run by onnxruntime and OpenVINO; bf16 adds no graph and
+    is OpenVINO's run of the float32 graph. Their parity runs are also timed, and the
+    times stored in the manifest (`cpu_timing`) for runtime.open's 'auto'.
+    """
     profile = BatchProfile.parse(batch)
     wanted = parse_precision(precision)
-    chosen = parse_targets(targets)
+    chosen = _check_cpu_precision(wanted, parse_targets(targets), targets)
     mode = parse_scoring(scoring)
     role = GraphRole.VISION if mode == Scoring.KERNEL else GraphRole.FULL
     with_trt = Target.TRT in chosen
@@ -157,9 +241,10 @@ def export_artifacts(
 
         import_tensorrt()  # fail before minutes of export, with the install hint
     limits = {**DEFAULT_TOLERANCES, **(tolerances or {})}
-    fp16 = wanted == Precision.FP16
-    rows = (Target.ONNX in chosen) * (1 + fp16) + with_trt
-    total = 6 + fp16 + with_trt + rows + (Target.TRITON in chosen)
+    fp16, int8 = wanted == Precision.FP16, wanted == Precision.INT8
+    with_openvino = wanted.cpu_only and _openvino_installed()
+    rows = (Target.ONNX in chosen) * (1 + fp16) + with_trt + int8 + with_openvino
+    total = 6 + fp16 + int8 + with_trt + rows + (Target.TRITON in chosen)
     step = _Steps(progress, total)
     out = Path(out)
     old_cache = Path(timing_cache) if timing_cache else out / TIMING_CACHE
@@ -181,6 +266,14 @@ def export_artifacts(
             step(f"mixed-precision {role.value}.fp16.onnx")
             build_from = export_mixed_precision(build_from, staging)
             graphs.append(build_from)
+        if int8:
+            from fbclip_edge.export.quantize import quantize_int8
+
+            step(f"int8 {role.value}.int8.onnx: calibrate on good frames, quantize")
+            pixels = _calibration_pixels(
+                calibration_frames, parity_frames, parity_labels, config.image_size
+            )
+            graphs.append(quantize_int8(build_from, staging, pixels))
         engines = []
         if with_trt:
             rejected = unsupported_by_tensorrt(build_from.ops)
@@ -221,7 +314,7 @@ def export_artifacts(
             graphs=graphs,
             engines=engines,
             files={},
-            versions=_tool_versions(with_trt),
+            versions=_tool_versions(with_trt, with_openvino),
             timing_cache=TIMING_CACHE if engines else None,
             method=model.method,
             score_rule=model.scoring.kind,
@@ -237,11 +330,12 @@ def export_artifacts(
         read_manifest(staging)  # round trip: what we wrote is what runtimes will read
 
         step("parity: float32 PyTorch reference")
-        report = _parity(
+        report, timing = _parity(
             model, staging, manifest, chosen, parity_frames, parity_labels, limits, device, step
         )
         (staging / PARITY).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         manifest.parity = PARITY
+        manifest.cpu_timing = timing
         record_files(manifest, staging, [PARITY])
         write_manifest(manifest, staging)
         if not report.passed:
@@ -261,8 +355,10 @@ def _parity(
     limits: dict[Precision, Tolerance],
     device: str | None,
     step: Callable[[str], None],
-) -> ParityReport:
-    """Reference once, then every built target through the runtime users will call."""
+) -> tuple[ParityReport, CpuTiming | None]:
+    """Reference once, then every built target through the runtime users will call; the
+    CPU runs' times per image, for runtime.open's 'auto'."""
+    from fbclip_edge.runtime.cpu_features import detect
     from fbclip_edge.runtime.open import open as open_backend
 
     pixels, labels, synthetic = prepare_images(frames, labels, manifest.image_size)
@@ -270,15 +366,30 @@ def _parity(
     reference = reference_outputs(model, pixels, labels, manifest.batch, where)
     model.cpu()
     rows = []
+    times: dict[str, float] = {}
     for label, options in _parity_targets(manifest, targets):
         step(f"parity: {label}")
-        backend = open_backend(staging, device=device, **options)
+        backend = open_backend(staging, **{"device": device, **options})
         tolerance = limits[Precision(backend.info.precision)]
-        rows.append(compare(label, backend, pixels, reference, labels, manifest.batch, tolerance))
+        row = compare(label, backend, pixels, reference, labels, manifest.batch, tolerance)
+        rows.append(row)
+        if backend.info.device == "cpu" and row.ms_per_image is not None:
+            times[f"{backend.info.name} {backend.info.precision}"] = round(row.ms_per_image, 4)
         del backend
-    return ParityReport(
+    report = ParityReport(
         rows, pixels.shape[0], synthetic, manifest.image_size, reference.description
     )
+    cpu = detect()
+    batch = min(max(2, manifest.batch.min), manifest.batch.max)
+    timing = CpuTiming(cpu.model, cpu.logical_cores, batch, times) if times else None
+    return report, timing
+
+
+def _openvino_installed() -> bool:
+    """OpenVINO importable (the runtime module is imported lazily, like every runtime)."""
+    from fbclip_edge.runtime.openvino import openvino_available
+
+    return openvino_available()
 
 
 __all__ = [

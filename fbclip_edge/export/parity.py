@@ -7,6 +7,7 @@ relative L2 of the logits (log-odds of every score), and image AUROC next to the
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,8 @@ class ParityRow:
     reference_auroc: float | None
     tolerance: Tolerance
     details: dict[str, Any] = field(default_factory=dict)
+    # Best time per image over the batches after the first (warm-up), None with one batch.
+    ms_per_image: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -192,8 +195,16 @@ def compare(
     profile: BatchProfile,
     tolerance: Tolerance,
 ) -> ParityRow:
-    """One row: run the backend on the same pixels and measure the differences."""
-    score, patch = run_batched(backend.run, pixels, profile)
+    """One row: run the backend on the same pixels, measure the differences and time it."""
+    seconds: list[float] = []
+
+    def timed(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        outputs = backend.run(chunk)
+        seconds.append((time.perf_counter() - start) / chunk.shape[0])
+        return outputs
+
+    score, patch = run_batched(timed, pixels, profile)
     size = backend.image_size
     full = anomaly_map(patch, (size, size))
     ref_logits = torch.cat(
@@ -217,6 +228,7 @@ def compare(
         reference_auroc=reference.auroc,
         tolerance=tolerance,
         details=details,
+        ms_per_image=1e3 * min(seconds[1:]) if len(seconds) > 1 else None,
     )
 
 
@@ -279,6 +291,7 @@ def parity_table(report: ParityReport) -> Table:
         "map max|d|",
         "logit rel L2",
         "AUROC (ref)",
+        "ms/image",
         "result",
     ):
         table.add_column(column)
@@ -293,6 +306,7 @@ def parity_table(report: ParityReport) -> Table:
             f"{_number(row.map_max_abs)} / {row.tolerance.map:.0e}",
             _number(row.logit_rel_l2),
             auroc,
+            _number(row.ms_per_image, ".3g"),
             verdict,
         )
     return table

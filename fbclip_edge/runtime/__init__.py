@@ -1,4 +1,4 @@
-"""One inference interface over torch, onnxruntime and TensorRT backends.
+"""One inference interface over torch, onnxruntime, TensorRT and OpenVINO backends.
 
 `fbclip_edge.runtime.open(artifacts, backend="auto")` opens an export folder as a Backend.
 """

@@ -19,6 +19,7 @@ from fbclip_edge.artifacts.manifest import ArtifactError, GraphSpec, Manifest, v
 from fbclip_edge.artifacts.options import GraphRole, Precision, Scoring
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer
+from fbclip_edge.runtime.cpu_features import detect, refuse_without_isa
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -50,20 +51,28 @@ def available_providers() -> list[str]:
 def run_batch_limit(manifest: Manifest, provider: str, device: torch.device) -> int | None:
     """Largest batch per session run, or None for no limit.
 
-    onnxruntime's CPU and CUDA providers materialize every attention matrix of the FB
-    attention (M maps x heads x T^2 floats per image, about 2 GB at 518 px), where torch
-    and TensorRT use fused attention; larger batches are split so a run stays within a
-    quarter of the RAM (CPU) or half the free GPU memory (CUDA) instead of being OOM-killed.
+    onnxruntime's CPU and CUDA providers materialize each attention call's score matrices
+    where torch and TensorRT fuse attention. The exported graphs chunk every method's extra
+    attention so that no call holds more scores than one CLIP block (CLIP heads x T^2 floats
+    per image); larger batches are split so a run stays within a quarter of the RAM (CPU) or
+    half the free GPU memory (CUDA) instead of being OOM-killed.
     """
     if provider == "tensorrt":
         return None
-    heads = int(manifest.model.config.get("fb_heads", 8))
-    per_image = 3 * 4 * manifest.num_maps * heads * manifest.tokens**2
+    vision = manifest.model.config.get("backbone", {}).get("vision", {})
+    width = int(vision.get("width", 1024))
+    heads = max(1, width // int(vision.get("head_width", 64)))
+    per_image = 3 * 4 * heads * manifest.tokens**2
     if provider == "cuda" and torch.cuda.is_available():
         budget = torch.cuda.mem_get_info(device)[0] // 2
     else:
         budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     return max(1, int(budget // per_image))
+
+
+def _physical_cores() -> int:
+    features = detect()
+    return features.physical_cores or features.logical_cores
 
 
 def _cache_dir(graph_sha: str) -> Path:
@@ -111,6 +120,7 @@ class OnnxRuntimeBackend(Backend):
         device: str | None = None,
         precision: str | None = None,
         verify: bool = True,
+        threads: int | None = None,
     ) -> None:
         ort = import_onnxruntime()
         if provider not in PROVIDERS:
@@ -122,7 +132,7 @@ class OnnxRuntimeBackend(Backend):
                 f"{ort.__version__} offers {', '.join(ort.get_available_providers())}); install "
                 "fbclip-edge[gpu] (onnxruntime-gpu) on a CUDA machine, or use provider='cpu'"
             )
-        spec = self._graph(manifest, provider, precision)
+        spec = self._graph(artifacts, manifest, provider, precision)
         files = [spec.file, *spec.data_files]
         if manifest.scoring == Scoring.KERNEL:
             files += [manifest.text_features, manifest.map_weights]
@@ -136,10 +146,19 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: unused-initializer notes are noise
+        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's choice (physical cores)
         # Idle worker threads would otherwise spin after each run and slow the torch map
         # stage that follows on the same cores (measured: 15.9 ms vs 9.1 ms on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if provider == "cpu":
+            # Memory, measured on ViT-L-14-336 @ 518 (2-core Xeon, fresh process each): the
+            # memory-pattern planner keeps every intermediate's arena block for the run
+            # (+1.58 GB over the session vs +0.79 GB without it), and prepacked weights are a
+            # second copy of them (session 1.97 GB -> 1.22 GB without); neither was
+            # measurably faster here.
+            options.enable_mem_pattern = False
+            options.add_session_config_entry("session.disable_prepacking", "1")
         chain = _provider_list(
             provider, device_id, spec, manifest, manifest.files.get(spec.file, spec.file)
         )
@@ -175,18 +194,33 @@ class OnnxRuntimeBackend(Backend):
                 "scoring": manifest.scoring.value,
                 "onnxruntime": ort.__version__,
                 "run_batch": self.run_batch or "any",
+                # onnxruntime's default is one intra-op thread per physical core
+                "threads": threads or f"default ({_physical_cores()} physical cores)",
             },
         )
 
     @staticmethod
-    def _graph(manifest: Manifest, provider: str, precision: str | None) -> GraphSpec:
-        """FP16 (mixed) graph on GPU providers when exported, float32 otherwise or if asked."""
+    def _graph(
+        artifacts: Path, manifest: Manifest, provider: str, precision: str | None
+    ) -> GraphSpec:
+        """FP16 (mixed) graph on GPU providers when exported, the INT8 graph on the CPU when
+        exported, float32 otherwise or if asked. bf16 is OpenVINO's: onnxruntime's CPU
+        provider has no bfloat16 MatMul/Gemm kernels (1.32), so a bf16 export runs its
+        float32 graph here, reported as fp32."""
         role = GraphRole.VISION if manifest.scoring == Scoring.KERNEL else GraphRole.FULL
+        if precision == Precision.BF16.value:
+            raise FBClipError(
+                "onnxruntime has no bfloat16 MatMul/Gemm kernels on the CPU; open with "
+                "backend='openvino' for bf16, or precision='fp32'"
+            )
         if precision is None:
             gpu_fp16 = provider != "cpu" and manifest.precision == Precision.FP16
-            wanted = Precision.FP16 if gpu_fp16 else Precision.FP32
+            cpu_int8 = provider == "cpu" and manifest.precision == Precision.INT8
+            wanted = Precision.FP16 if gpu_fp16 else Precision.INT8 if cpu_int8 else Precision.FP32
         else:
             wanted = Precision(precision)
+        if wanted == Precision.INT8 and provider == "cpu":
+            refuse_without_isa(wanted, artifacts)  # before the graph: the reason comes first
         spec = manifest.graph(role, wanted) or manifest.graph(role, Precision.FP32)
         if spec is None or (precision is not None and spec.precision != wanted):
             raise ArtifactError(

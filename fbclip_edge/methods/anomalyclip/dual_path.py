@@ -7,8 +7,9 @@ path reads the plain tokens and never feeds back.
 
 Export-friendly: every block computes its packed qkv projection once and runs attention
 through `F.scaled_dot_product_attention`; a dual-path block runs the plain and the V-V
-attention in one call, the two stacked along the batch axis, then one out_proj. The block
-loop depends only on the config, never on tensor shapes.
+attention in one call, the two stacked along the batch axis, then one out_proj (two calls
+in an exported graph, see `dual_block`). The block loop depends only on the config, never
+on tensor shapes.
 """
 
 from __future__ import annotations
@@ -106,14 +107,24 @@ def dual_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One dual-path block: (h_{l-1}, z_{l-1}) -> (h_l, z_l).
 
-    The plain attention (q, k, v) and the V-V attention (v, v, v) share the projection and
-    run as one SDPA call on the batch-stacked inputs, then one out_proj.
+    The plain attention (q, k, v) and the V-V attention (v, v, v) share the projection. In
+    torch they run as one SDPA call on the batch-stacked inputs, then one out_proj. An ONNX
+    graph writes attention as MatMul-Softmax-MatMul, which onnxruntime runs as written, so
+    the stacked call would hold (2B, H, T, T) scores at once; the export makes two calls,
+    each no larger than a plain block's, and skips the three stacking copies.
     """
     q, k, v = _qkv(block, h)
-    both = F.scaled_dot_product_attention(
-        torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]), scale=_scale(block)
-    )
-    plain_attention, vv_attention = _merge_project(block, both).unflatten(0, (2, -1)).unbind(0)
+    scale = _scale(block)
+    if torch.onnx.is_in_onnx_export():
+        plain_attention = _merge_project(
+            block, F.scaled_dot_product_attention(q, k, v, scale=scale)
+        )
+        vv_attention = _merge_project(block, F.scaled_dot_product_attention(v, v, v, scale=scale))
+    else:
+        both = F.scaled_dot_product_attention(
+            torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]), scale=scale
+        )
+        plain_attention, vv_attention = _merge_project(block, both).unflatten(0, (2, -1)).unbind(0)
     return _mlp_residual(block, h, plain_attention), z + vv_attention
 
 

@@ -22,10 +22,11 @@ from fbclip_edge.methods.fbclip.losses import LossTerms, fbclip_losses
 from fbclip_edge.methods.fbclip.text import PromptLearner, TextFusion, encode_text, prompt_tokens
 from fbclip_edge.methods.fbclip.views import (
     background_prototype,
+    cls_similarity,
     foreground_mask,
     semantic_view,
     spatial_view,
-    suppress_background,
+    suppress_and_project,
 )
 
 FBCLIPOutput = ModelOutput  # the name the first releases exported
@@ -64,8 +65,13 @@ class FBCLIP(AnomalyModel):
         )
         self.prompt_learner = PromptLearner(tokens, config.n_ctx, text_width)
         self.text_fusion = TextFusion(text_width, config.backbone.embed_dim)
+        # An exported graph's FB attention holds no more scores per call than a CLIP block.
+        clip_heads = int(self.clip.visual.transformer.resblocks[0].attn.num_heads)
         self.fb_attention = FBAttention(
-            config.backbone.vision_width, config.fb_heads, config.fb_dim_head
+            config.backbone.vision_width,
+            config.fb_heads,
+            config.fb_dim_head,
+            maps_per_call=max(1, clip_heads // config.fb_heads),
         )
         self.scale_weights = nn.Parameter(
             torch.full((config.n_scale_weights,), 1.0 / config.n_scale_weights)
@@ -118,9 +124,10 @@ class FBCLIP(AnomalyModel):
         cls, patches = flat[:, 0], flat[:, 1:]
         previous = torch.cat([layer_tokens[:, :1], layer_tokens[:, :-1]], dim=1)[:, :, 1:]
         previous = previous.reshape(batch * layers, tokens - 1, width)
+        similarity = cls_similarity(patches, cls)
         fg = foreground_mask(
             patches,
-            cls,
+            similarity,
             previous,
             cfg.mask_weights,
             cfg.mask_smooth,
@@ -128,22 +135,15 @@ class FBCLIP(AnomalyModel):
             cfg.mask_low,
         )
         # The first layer has no previous one: its change cue is zero (previous == itself).
+        # Views in spec order, CLS first in each: ID is the layer's tokens as they are.
+        sem = semantic_view(patches, similarity, fg, cfg.sem_mix, cfg.mask_low)
+        spa = spatial_view(patches, similarity, fg, cfg.spa_kernel)
         views = torch.stack(
-            [
-                patches,
-                semantic_view(patches, cls, fg, cfg.sem_mix),
-                spatial_view(patches, cls, fg, cfg.spa_kernel),
-            ],
+            [flat, torch.cat([cls[:, None], sem], dim=1), torch.cat([cls[:, None], spa], dim=1)],
             dim=1,
         )
-        views = torch.cat([cls[:, None, None].expand(-1, 3, 1, -1), views], dim=2)
-        enhanced = self.fb_attention(views.reshape(batch * layers * 3, tokens, width))
-        enhanced = enhanced.reshape(batch, layers * 3, tokens, width)
+        enhanced = self.fb_attention(views.reshape(batch, layers * 3, tokens, width))
         return enhanced, fg.reshape(batch, layers, tokens - 1)
-
-    def project(self, maps: torch.Tensor) -> torch.Tensor:
-        """Dv -> D with CLIP's visual.proj (no ln_post, as the reference)."""
-        return maps @ self.clip.visual.proj.to(maps.dtype)
 
     def encode_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, S, S) -> projected token maps (B, M, T, D): the vision graph."""
@@ -157,8 +157,9 @@ class FBCLIP(AnomalyModel):
         )
         enhanced, fg = self.enhance(layer_tokens)
         background = background_prototype(enhanced, self.config.bs_mean_weight)
-        suppressed = suppress_background(enhanced, background, self.config.bs_mix)
-        return layer_tokens, fg, enhanced, background, self.project(suppressed)
+        # visual.proj without ln_post, as the reference.
+        maps = suppress_and_project(enhanced, background, self.clip.visual.proj, self.config.bs_mix)
+        return layer_tokens, fg, enhanced, background, maps
 
     def forward_intermediates(self, pixel_values: torch.Tensor) -> FBCLIPIntermediates:
         """Forward pass that also returns every stage (spec order and shapes)."""

@@ -1,9 +1,10 @@
 """Analytic forward-pass FLOPs per image, split into backbone and FB-CLIP heads.
 
 Counted as 2 FLOPs per multiply-accumulate of every matrix product (convolutions,
-linear layers, attention scores and mixing, SEM attention, projection, scoring), the
-convention of torch.utils.flop_counter; elementwise work (norms, softmax, the SPA view's
-pooling) is memory-bound and left out. The benchmark uses this for achieved TFLOP/s.
+linear layers, attention scores and mixing, the SEM view's group sums, background
+suppression, projection, scoring), the convention of torch.utils.flop_counter; elementwise
+work (norms, softmax, the SPA view's pooling) is memory-bound and left out. The benchmark
+uses this for achieved TFLOP/s.
 """
 
 from __future__ import annotations
@@ -36,19 +37,23 @@ def backbone_flops(config: FBCLIPConfig, image_size: int | None = None) -> int:
 
 
 def head_flops(config: FBCLIPConfig, image_size: int | None = None) -> int:
-    """SEM attention, the shared FB attention on every view, projection and scoring."""
+    """SEM view, the shared FB attention on every view, suppression, projection, scoring."""
     size = image_size or config.image_size
     width = config.backbone.vision_width
+    embed = config.backbone.embed_dim
     patches = (size // config.backbone.patch_size) ** 2
     tokens = patches + 1
     layers = len(config.feature_layers)
     inner = config.fb_heads * config.fb_dim_head
-    sem = layers * 2 * (2 * patches * patches * width)
+    # Two group sums (2 x N by N x Dv) and their mix into every token (N x 2 by 2 x Dv).
+    sem = layers * 2 * (2 * 2 * patches * width)
     gate = 2 * tokens * width * (width // 2) + 2 * tokens * (width // 2)
     fb_block = gate + 2 * _attention_flops(tokens, width, inner, inner)
-    projection = 2 * tokens * width * config.backbone.embed_dim
-    scoring = 2 * tokens * config.backbone.embed_dim * 2
-    return sem + config.num_maps * (fb_block + projection + scoring)
+    similarity = 2 * tokens * width  # every token against the unit background prototype
+    projection = 2 * tokens * width * embed
+    scoring = 2 * tokens * embed * 2
+    prototype = 2 * width * embed  # the background prototype, projected once
+    return sem + prototype + config.num_maps * (fb_block + similarity + projection + scoring)
 
 
 def forward_flops(config: FBCLIPConfig, image_size: int | None = None) -> FlopCount:
