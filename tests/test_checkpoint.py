@@ -65,6 +65,28 @@ def test_save_load_round_trip_keeps_every_tensor(tmp_path):
     assert again.config == model.config
 
 
+def test_folder_from_before_methods_loads_as_fbclip(tmp_path):
+    """Folders written before the method layer have no "method" key: they are FB-CLIP's."""
+    model = create_model("tiny", image_size=112, seed=1)
+    save_model(model, tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    meta = json.loads(config_path.read_text())
+    assert meta.pop("method") == "fbclip"
+    config_path.write_text(json.dumps(meta))
+    old = load(tmp_path / "old")
+    assert old.method == "fbclip" and isinstance(old, fbclip_edge.FBCLIP)
+    pixels = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(old(pixels).patch_map, model(pixels).patch_map)
+
+
+def test_anomalyclip_folder_records_its_method(tmp_path):
+    model = create_model("tiny", image_size=56, seed=1, method="anomalyclip")
+    save_model(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["method"] == "anomalyclip"
+    assert load(tmp_path / "a").method == "anomalyclip"
+
+
 def test_save_replaces_existing_folder_atomically(tmp_path):
     out = tmp_path / "m"
     save_model(create_model("tiny", image_size=224, seed=1), out)
