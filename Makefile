@@ -11,10 +11,10 @@ PIP_VERSION := 26.3
 STUBS := tensorrt-stubs==10.13.0.35.1
 ifeq ($(ORT),gpu)
 EXTRAS := gpu,dev,serve,filo
-LOCK := locks/gpu.txt
+LOCK := locks/gpu.lock
 else
 EXTRAS := cpu,dev,serve,openvino,filo
-LOCK := locks/cpu.txt
+LOCK := locks/cpu.lock
 endif
 
 .PHONY: install demo test lint lock clean
@@ -40,19 +40,19 @@ lint: install
 	$(BIN)/mypy
 
 # Refresh the locks after changing dependencies in pyproject.toml (then run `make test`
-# and commit locks/): cpu.txt is what a fresh venv resolves today on this kind of machine,
-# gpu.txt the same versions with onnxruntime-gpu (resolved by uv for manylinux x86_64).
+# and commit locks/): cpu.lock is what a fresh venv resolves today on this kind of machine,
+# gpu.lock the same versions with onnxruntime-gpu (resolved by uv for manylinux x86_64).
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q pip==$(PIP_VERSION) uv
 	.lock-venv/bin/python -m pip install -q -e ".[cpu,dev,serve,openvino,filo]"
 	( echo "# make lock: cpu,dev,serve,openvino,filo extras; $$(.lock-venv/bin/python -V)"; \
-	  .lock-venv/bin/python -m pip freeze --exclude-editable ) > locks/cpu.txt
-	grep -v -i -E '^(onnxruntime|openvino|openvino-telemetry)==' locks/cpu.txt > .lock-venv/gpu-c.txt
+	  .lock-venv/bin/python -m pip freeze --exclude-editable --exclude uv ) > locks/cpu.lock
+	grep -v -i -E '^(onnxruntime|openvino|openvino-telemetry)==' locks/cpu.lock > .lock-venv/gpu-c.txt
 	.lock-venv/bin/uv pip compile -q pyproject.toml --extra gpu --extra dev --extra serve --extra filo \
 	    -c .lock-venv/gpu-c.txt --python-version 3.11 \
-	    --python-platform x86_64-manylinux_2_35 --no-header -o locks/gpu.txt
+	    --python-platform x86_64-manylinux_2_35 --no-header -o locks/gpu.lock
 	rm -rf .lock-venv
 
 clean:

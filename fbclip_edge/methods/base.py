@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fbclip_edge.clip.config import BackboneConfig
+from fbclip_edge.errors import FBClipError
 
 #: "logit_sum": weight and sum the per-map logits, then one 2-way softmax (FB-CLIP); the
 #: image score is the CLS row of that. "prob_sum": a 2-way softmax per map, then the
@@ -199,6 +200,18 @@ class MethodSpec:
     def build(self, config: Any, clip: nn.Module | None = None) -> AnomalyModel:
         """A model from its config (CLIP random or given)."""
         return self.model_cls(config, clip)
+
+
+def config_kwargs(cls: type, data: Mapping[str, Any], what: str = "") -> dict[str, Any]:
+    """A method config's to_dict() output back to constructor arguments: the backbone
+    rebuilt, lists as tuples; unknown keys are an error so typos do not pass silently."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise FBClipError(f"config.json has unknown {what}settings {unknown}; remove them")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    values["backbone"] = BackboneConfig(**data["backbone"])
+    return values
 
 
 def method_of_folder(config_json: Mapping[str, Any]) -> str:

@@ -13,11 +13,12 @@ Setting them explicitly is always allowed within the ranges `validate` names.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fbclip_edge.clip.config import BackboneConfig
 from fbclip_edge.errors import FBClipError
+from fbclip_edge.methods.base import config_kwargs
 
 REFERENCE_VISION_LAYERS = 24
 REFERENCE_FEATURE_LAYERS = (6, 12, 18, 24)
@@ -165,11 +166,4 @@ class AnomalyCLIPConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnomalyCLIPConfig:
         """Inverse of to_dict; unknown keys are an error so typos do not pass silently."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise FBClipError(f"config.json has unknown settings {unknown}; remove them")
-        values = dict(data)
-        backbone = values.pop("backbone")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(backbone=BackboneConfig(**backbone), **values)
+        return cls(**config_kwargs(cls, data, ""))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fbclip_edge.clip.config import BackboneConfig
 from fbclip_edge.errors import FBClipError
+from fbclip_edge.methods.base import config_kwargs
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, ...]:
@@ -91,11 +92,4 @@ class FBCLIPConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FBCLIPConfig:
         """Inverse of to_dict; unknown keys are an error so typos do not pass silently."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise FBClipError(f"config.json has unknown settings {unknown}; remove them")
-        values = dict(data)
-        backbone = values.pop("backbone")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(backbone=BackboneConfig(**backbone), **values)
+        return cls(**config_kwargs(cls, data, ""))

@@ -9,11 +9,12 @@ Rules for backbones other than the reference's 24-block tower:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fbclip_edge.clip.config import BackboneConfig
 from fbclip_edge.errors import FBClipError
+from fbclip_edge.methods.base import config_kwargs
 
 REFERENCE_VISION_LAYERS = 24
 REFERENCE_FEATURE_LAYERS = (6, 12, 18, 24)
@@ -175,11 +176,4 @@ class FiLoConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FiLoConfig:
         """Inverse of to_dict; unknown keys are an error so typos do not pass silently."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise FBClipError(f"config.json has unknown FiLo settings {unknown}; remove them")
-        values = dict(data)
-        backbone = values.pop("backbone")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(backbone=BackboneConfig(**backbone), **values)
+        return cls(**config_kwargs(cls, data, "FiLo "))
