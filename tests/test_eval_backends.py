@@ -59,14 +59,17 @@ def test_eval_command_same_metrics_torch_and_onnxruntime(
     torch_report, ort_report = reports["torch"], reports["onnxruntime"]
     assert ort_report["backend"]["name"] == "onnxruntime"
     # pixel_aupro_200 (the public code bases' variant) rescales the FPRs of the few of its
-    # 200 thresholds under 0.3 by their own min and max, so on maps this flat (the tiny
-    # fixture spans 0.500..0.516) float32 differences of 2e-7 between the two backends move it
-    # by ~2e-3; the exact AU-PRO (pixel_aupro) and every other metric stay within 1e-4.
-    loose = {"pixel_aupro_200": 5e-3}
+    # 200 thresholds under 0.3 by their own min and max: on maps this flat (the tiny fixture at
+    # 112 px spans 0.500..0.516) a float32 difference of 2e-7 between the backends moves a
+    # threshold point in or out of that window, and the metric by 2e-3 to 2.5e-2 from run to
+    # run. It is not a backend property, so it is left out here; the exact AU-PRO
+    # (pixel_aupro) and every other metric must agree within 1e-4. test_metrics checks the
+    # 200-threshold definition itself.
+    ill_conditioned = {"pixel_aupro_200"}
     compared = 0
     for key, value in torch_report["mean"].items():
         other = ort_report["mean"][key]
-        if isinstance(value, float) and not math.isnan(value):
-            assert abs(value - other) <= loose.get(key, 1e-4), (key, value, other)
+        if isinstance(value, float) and not math.isnan(value) and key not in ill_conditioned:
+            assert abs(value - other) <= 1e-4, (key, value, other)
             compared += 1
-    assert compared >= 8
+    assert compared >= 7  # image AUROC, AP, max-F1; pixel AUROC, AP, max-F1, AU-PRO

@@ -163,13 +163,11 @@ def quantize_int8(fp32: GraphSpec, folder: Path, pixels: torch.Tensor) -> GraphS
             weight_type=quantization.QuantType.QInt8,
             use_external_data_format=external,
             calibrate_method=quantization.CalibrationMethod.MinMax,
-            extra_options={
-                # float outputs: the products' results feed float32 ops (bias, residual, norms)
-                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
-                # merge the ranges after every frame: the calibrator otherwise keeps every
-                # activation of every frame, which ran a ViT-L-14-336 @ 518 export out of 24 GB
-                "CalibMaxIntermediateOutputs": 1,
-            },
+            # float outputs: the products' results feed float32 ops (bias, residual, norms).
+            # Not CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator drops the
+            # collected outputs at that limit without merging their ranges ("No data is
+            # collected"), so the calibrator keeps every frame's activations in memory.
+            extra_options={"OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)},
         )
         result = onnx.load(str(quantized))
         keep_float_elsewhere(result, set(nodes))
