@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,27 @@ class MapScorer:
         )
         side = math.isqrt(patch_prob.shape[1])
         return image_score.float(), patch_prob.float().reshape(-1, 1, side, side)
+
+
+def run_split(
+    pixel_values: torch.Tensor,
+    run_batch: int | None,
+    infer: Callable[[torch.Tensor], list[torch.Tensor]],
+    scorer: MapScorer | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an exported graph in runs of at most run_batch images (memory), scoring its maps
+    with the fused kernels when it is a vision graph, else taking its (score, map) outputs."""
+    step = run_batch or pixel_values.shape[0]
+    results = []
+    for start in range(0, pixel_values.shape[0], step):
+        outputs = infer(pixel_values[start : start + step])
+        if scorer is not None:
+            results.append(scorer(outputs[0]))
+        else:
+            results.append((outputs[0].float(), outputs[1].float()))
+    if len(results) == 1:
+        return results[0]
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
 
 
 class TorchBackend(Backend):

@@ -18,7 +18,7 @@ import torch
 from fbclip_edge.artifacts.manifest import ArtifactError, GraphSpec, Manifest, verify_files
 from fbclip_edge.artifacts.options import GraphRole, Precision, Scoring
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer
+from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer, run_split
 from fbclip_edge.runtime.cpu_features import detect, refuse_without_isa
 
 PROVIDERS = {
@@ -275,14 +275,4 @@ class OnnxRuntimeBackend(Backend):
 
     @torch.inference_mode()
     def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.run_batch or pixel_values.shape[0]
-        results = []
-        for start in range(0, pixel_values.shape[0], step):
-            outputs = self._session_run(pixel_values[start : start + step])
-            if self.scorer is not None:
-                results.append(self.scorer(outputs[0]))
-            else:
-                results.append((outputs[0].float(), outputs[1].float()))
-        if len(results) == 1:
-            return results[0]
-        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+        return run_split(pixel_values, self.run_batch, self._session_run, self.scorer)

@@ -24,7 +24,7 @@ from fbclip_edge.artifacts.manifest import ArtifactError, GraphSpec, Manifest, v
 from fbclip_edge.artifacts.options import GraphRole, Precision, Scoring
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime import cpu_features
-from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer
+from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer, run_split
 
 # Compile-time hint per export precision.
 PRECISION_HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
@@ -186,14 +186,4 @@ class OpenVinoBackend(Backend):
 
     @torch.inference_mode()
     def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.run_batch or pixel_values.shape[0]
-        results = []
-        for start in range(0, pixel_values.shape[0], step):
-            outputs = self._infer(pixel_values[start : start + step])
-            if self.scorer is not None:
-                results.append(self.scorer(outputs[0]))
-            else:
-                results.append((outputs[0].float(), outputs[1].float()))
-        if len(results) == 1:
-            return results[0]
-        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+        return run_split(pixel_values, self.run_batch, self._infer, self.scorer)
