@@ -179,6 +179,12 @@ def _project(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
 def encode_text(clip: CLIP, prompts: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """CLIP's text tower on prompt embeddings (P, L, Dt): causal mask, ln_final, the end-token
     row (argmax of the ids) @ text_projection -> (P, D), not normalised."""
+    return encode_text_at(clip, prompts, token_ids.argmax(dim=-1))
+
+
+def encode_text_at(clip: CLIP, prompts: torch.Tensor, end_index: torch.Tensor) -> torch.Tensor:
+    """encode_text with each prompt's end-token position (P,) given: the form the exported
+    text graph takes (the ids themselves stay on the host)."""
     x = prompts + clip.positional_embedding.to(prompts.dtype)
     x = x.permute(1, 0, 2)
     mask = causal_mask(int(x.shape[0]), x.device, x.dtype)
@@ -186,7 +192,7 @@ def encode_text(clip: CLIP, prompts: torch.Tensor, token_ids: torch.Tensor) -> t
         x = x + multihead_attention(block.attn, block.ln_1(x), mask)
         x = x + block.mlp(block.ln_2(x))
     x = clip.ln_final(x.permute(1, 0, 2))
-    rows = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
+    rows = x[torch.arange(x.shape[0], device=x.device), end_index.to(x.device)]
     return _project(clip, rows)
 
 
