@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,53 +18,36 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.overrides import TorchFunctionMode
 
 from fbclip_edge.errors import FBClipError
+from fbclip_edge.fileio import atomic_directory
 from fbclip_edge.methods import AnomalyModel, get_method, identify_checkpoint
 from fbclip_edge.methods.base import method_of_folder
+
+# Shared with every method's folder; defined below the registry (import cycles), re-exported.
+from fbclip_edge.modelformat import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    skip_weight_init,
+    versions,
+)
 from fbclip_edge.statedict import check_state_dict, read_checkpoint_file
 
-FORMAT_NAME = "fbclip-edge-model"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded with every artifact."""
-    import open_clip
-
-    from fbclip_edge.version import __version__
-
-    return {
-        "fbclip_edge": __version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "python": platform.python_version(),
-    }
-
-
-@contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces `out` only if the block succeeds."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a model folder is ordinary data
-    try:
-        yield staging
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(staging, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_FILE",
+    "atomic_directory",
+    "import_official",
+    "load",
+    "read_config",
+    "save_model",
+    "skip_weight_init",
+    "versions",
+]
 
 
 def save_model(
@@ -119,47 +97,12 @@ def read_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
             f"{config_path} is format {meta.get('format')!r} v{meta.get('format_version')}; this "
             f"fbclip-edge reads {FORMAT_NAME} v{FORMAT_VERSION}: re-export it with this version"
         )
+    if method_of_folder(meta) == "filo":  # not a registered AnomalyModel (methods/filo)
+        raise FBClipError(
+            f"{folder} is a FiLo model folder: open it with fbclip_edge.methods.filo.load_filo, "
+            "or `fbclip-edge export` it and use Detector.open"
+        )
     return get_method(method_of_folder(meta)).config_from_dict(meta["config"]), meta
-
-
-class _SkipRandomInit(TorchFunctionMode):
-    """Turn weight-initialization calls into no-ops, in this thread only (torch function modes
-    are thread-local, so a model built concurrently elsewhere keeps its random init)."""
-
-    SKIPPED = frozenset(
-        {
-            torch.nn.init.uniform_,
-            torch.nn.init.normal_,
-            torch.nn.init.trunc_normal_,
-            torch.nn.init.constant_,
-            torch.nn.init.kaiming_uniform_,
-            torch.nn.init.kaiming_normal_,
-            torch.nn.init.xavier_uniform_,
-            torch.nn.init.xavier_normal_,
-            torch.Tensor.uniform_,
-            torch.Tensor.normal_,
-        }
-    )
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Iterable[type],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        if func in self.SKIPPED:
-            return args[0] if args else (kwargs or {})["tensor"]
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def skip_weight_init() -> Iterator[None]:
-    """Build modules without randomly initializing their weights (most of a ViT-L's
-    construction time), for weights that a strict load overwrites right after. Buffers that
-    the file does not hold (attention masks, prompt tokens) are computed as usual."""
-    with _SkipRandomInit():
-        yield
 
 
 def load(

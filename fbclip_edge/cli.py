@@ -93,25 +93,100 @@ def import_official_command(
     checkpoint: Annotated[Path, typer.Option(help="The authors' published checkpoint (.pth).")],
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
     clip_weights: Annotated[
-        Path | None, typer.Option(help="OpenAI CLIP weights: .pt TorchScript file or state dict.")
+        Path | None,
+        typer.Option(
+            help="OpenAI CLIP weights: .pt TorchScript file or state dict (FiLo: optional)."
+        ),
     ] = None,
-    method: Annotated[str, typer.Option(help="fbclip or anomalyclip.")] = "fbclip",
-    image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 518,
+    method: Annotated[str, typer.Option(help="fbclip, anomalyclip or filo.")] = "fbclip",
+    image_size: Annotated[
+        int | None, typer.Option(help="Input side in pixels (default 518; FiLo: its checkpoint's).")
+    ] = None,
     feature_layers: Annotated[
         str | None,
         typer.Option(help="Comma-separated 1-based blocks (AnomalyCLIP's published: 24)."),
     ] = None,
+    grounding_checkpoint: Annotated[
+        Path | None, typer.Option(help="FiLo: Grounding DINO checkpoint (with --text-encoder).")
+    ] = None,
+    text_encoder: Annotated[
+        Path | None, typer.Option(help="FiLo: Grounding DINO's BERT folder (config, vocab).")
+    ] = None,
+    descriptions: Annotated[
+        Path | None, typer.Option(help="FiLo: category descriptions JSON (required).")
+    ] = None,
+    grounding_config: Annotated[
+        Path | None,
+        typer.Option(help="FiLo: JSON of the original Grounding DINO config (default SwinT_OGC)."),
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(help="FiLo: CLIP arch, open_clip name or JSON (default: from the weights)."),
+    ] = None,
 ) -> None:
     """Convert the authors' published checkpoint into an fbclip-edge model folder."""
+    filo_options = {
+        "--grounding-checkpoint": grounding_checkpoint,
+        "--text-encoder": text_encoder,
+        "--descriptions": descriptions,
+        "--grounding-config": grounding_config,
+        "--backbone": backbone,
+    }
+    if method.lower() == "filo":
+        _import_filo(checkpoint, out, clip_weights, image_size, feature_layers, **filo_options)
+        return
+    given = [name for name, value in filo_options.items() if value is not None]
+    if given:
+        raise FBClipError(f"{', '.join(given)}: FiLo options; use them with --method filo")
     from fbclip_edge.checkpoint import import_official
 
     model = import_official(
-        clip_weights, checkpoint, out, image_size, _layers(feature_layers), method=method
+        clip_weights, checkpoint, out, image_size or 518, _layers(feature_layers), method=method
     )
     cfg = model.config
     console.print(
         f"wrote {out} ({model.method}, {cfg.backbone.name}, {cfg.image_size} px, "
         f"layers {list(cfg.feature_layers)})"
+    )
+
+
+def _import_filo(
+    checkpoint: Path,
+    out: Path,
+    clip_weights: Path | None,
+    image_size: int | None,
+    feature_layers: str | None,
+    **options: Any,
+) -> None:
+    """import-official --method filo: FiLo (+ Grounding DINO) -> a FiLo model folder."""
+    from fbclip_edge.methods.filo.folder import import_filo_folder
+
+    if options["--descriptions"] is None:
+        raise FBClipError(
+            "FiLo needs --descriptions FILE (JSON: category -> class_word, descriptions, "
+            "grounding_descriptions)"
+        )
+    meta = import_filo_folder(
+        checkpoint,
+        out,
+        options["--descriptions"],
+        grounding_checkpoint=options["--grounding-checkpoint"],
+        text_encoder=options["--text-encoder"],
+        clip_weights=clip_weights,
+        image_size=image_size,
+        grounding_config=options["--grounding-config"],
+        backbone=options["--backbone"],
+        feature_layers=_layers(feature_layers),
+    )
+    cfg = meta["config"]
+    boxes = (
+        "with Grounding DINO"
+        if meta["grounding"]
+        else "no Grounding DINO: no box prior (no position word, no box step)"
+    )
+    console.print(
+        f"wrote {out} (filo, {cfg['backbone']['name']}, {cfg['image_size']} px, "
+        f"layers {list(cfg['feature_layers'])}; {boxes})"
     )
 
 

@@ -12,6 +12,7 @@ from fbclip_edge.methods.base import TrainRecipe
 from fbclip_edge.methods.filo.boxes import BertVocab, BoxResult, grounding_caption, locate
 from fbclip_edge.methods.filo.config import FiLoConfig
 from fbclip_edge.methods.filo.descriptions import CategoryData, load_descriptions
+from fbclip_edge.methods.filo.folder import FiLoFolder, is_filo_folder, load_filo, save_filo
 from fbclip_edge.methods.filo.importer import export_official, import_official, looks_like
 from fbclip_edge.methods.filo.model import FiLo, FiLoOutput, FiLoText, FiLoVision
 
@@ -44,6 +45,7 @@ __all__ = [
     "CategoryData",
     "FiLo",
     "FiLoConfig",
+    "FiLoFolder",
     "FiLoMethodInfo",
     "FiLoOutput",
     "FiLoText",
@@ -51,7 +53,10 @@ __all__ = [
     "export_official",
     "grounding_caption",
     "import_official",
+    "is_filo_folder",
     "load_descriptions",
+    "load_filo",
     "locate",
     "looks_like",
+    "save_filo",
 ]

@@ -23,6 +23,7 @@ from PIL import Image
 
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.methods.filo.boxes import BertVocab, BoxResult, grounding_caption, locate
+from fbclip_edge.modelformat import skip_weight_init
 from fbclip_edge.statedict import check_state_dict, read_checkpoint_file
 
 try:
@@ -151,6 +152,45 @@ class GroundingDinoArch:
         values["text_pos_width"] = config.get("text_pos_width")
         values["query_sine_width"] = config.get("query_sine_width")
         return cls(**values)
+
+    @classmethod
+    def from_port_config(cls, config: GroundingDinoConfig) -> GroundingDinoArch:
+        """The arch of a built port (grounding_config's inverse, BERT aside), so a detector can
+        be saved without remembering how it was made; the two hard-coded widths follow the
+        port (None)."""
+        swin = config.backbone_config
+        if not isinstance(swin, SwinConfig):
+            raise FBClipError(f"Grounding DINO port has a {type(swin).__name__} backbone, not Swin")
+        pairs = (
+            ("encoder_ffn_dim", "decoder_ffn_dim"),
+            ("encoder_attention_heads", "decoder_attention_heads"),
+        )
+        for first, second in pairs:
+            if getattr(config, first) != getattr(config, second):
+                raise FBClipError(
+                    f"Grounding DINO port has {first} {getattr(config, first)} != {second} "
+                    f"{getattr(config, second)}; the original config cannot describe it"
+                )
+        return cls(
+            hidden_dim=int(config.d_model),
+            dim_feedforward=int(config.encoder_ffn_dim),
+            enc_layers=int(config.encoder_layers),
+            dec_layers=int(config.decoder_layers),
+            nheads=int(config.encoder_attention_heads),
+            num_feature_levels=int(config.num_feature_levels),
+            enc_n_points=int(config.encoder_n_points),
+            dec_n_points=int(config.decoder_n_points),
+            num_queries=int(config.num_queries),
+            max_text_len=int(config.max_text_len),
+            pe_temperature=int(config.positional_embedding_temperature),
+            swin_embed_dim=int(swin.embed_dim),
+            swin_depths=tuple(swin.depths),
+            swin_heads=tuple(swin.num_heads),
+            swin_window=int(swin.window_size),
+            return_interm_indices=tuple(int(i) - 1 for i in swin.out_indices),
+            text_pos_width=None,
+            query_sine_width=None,
+        )
 
 
 #: The original config values the port hard-wires (SwinT_OGC has all of them).
@@ -520,6 +560,23 @@ class GroundingDetector:
         check_state_dict(expected, converted, "Grounding DINO checkpoint")
         model.load_state_dict(converted, strict=False)
         # the plain Module.to: PreTrainedModel.to's wrapper hides the device argument from mypy
+        return cls(torch.nn.Module.to(model, torch.device(device)), bert_dir)
+
+    @classmethod
+    def from_port_state_dict(
+        cls,
+        state: Mapping[str, torch.Tensor],
+        bert_dir: str | Path,
+        arch: GroundingDinoArch,
+        device: str | torch.device = "cpu",
+    ) -> GroundingDetector:
+        """Rebuild a saved detector (a FiLo model folder): the port's own state dict, port-only
+        keys included, loaded strictly; nothing is randomly initialised first (it would all be
+        overwritten)."""
+        with skip_weight_init():
+            model = GroundingDinoForObjectDetection(grounding_config(arch, bert_dir))
+        check_state_dict(model.state_dict(), state, "Grounding DINO weights")
+        model.load_state_dict(dict(state), strict=True)
         return cls(torch.nn.Module.to(model, torch.device(device)), bert_dir)
 
     @property
