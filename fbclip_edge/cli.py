@@ -314,10 +314,12 @@ def train_command(
     feature_layers: Annotated[
         str | None, typer.Option(help="Comma-separated 1-based blocks.")
     ] = None,
-    method: Annotated[str, typer.Option(help="fbclip or anomalyclip.")] = "fbclip",
+    method: Annotated[str, typer.Option(help="fbclip, anomalyclip or filo.")] = "fbclip",
     epochs: Annotated[
         int | None,
-        typer.Option(help="Total epochs (a resumed run continues up to it); default: recipe."),
+        typer.Option(
+            help="Total epochs (a resumed run continues up to it; filo: stage 1); default: recipe."
+        ),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Images per step; default: recipe.")
@@ -342,8 +344,105 @@ def train_command(
     progress: Annotated[
         bool, typer.Option(help="Show the progress bar with the loss terms.")
     ] = True,
+    descriptions: Annotated[
+        Path | None, typer.Option(help="filo: category descriptions JSON (required).")
+    ] = None,
+    adapter_epochs: Annotated[
+        int | None, typer.Option(help="filo: stage-2 (adapter) epochs; default: recipe (5).")
+    ] = None,
+    prompt_lr: Annotated[
+        float | None, typer.Option(help="filo: stage-1 prompt-learner lr; default: 1e-3.")
+    ] = None,
+    adapter_lr: Annotated[
+        float | None, typer.Option(help="filo: stage-2 adapter lr; default: 1e-5.")
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="filo: start from an official {'filo': ...} checkpoint or a folder."),
+    ] = None,
+    mosaic: Annotated[
+        bool | None,
+        typer.Option("--mosaic/--no-mosaic", help="filo: MVTec 2x2 mosaic, p 0.2 (default on)."),
+    ] = None,
+    share_class_words: Annotated[
+        bool | None,
+        typer.Option(
+            "--share-class-words/--own-descriptions",
+            help="filo: categories sharing a class word take the last one's list (reference).",
+        ),
+    ] = None,
 ) -> None:
     """Train a method's learned parts on an auxiliary dataset with frozen CLIP (its recipe)."""
+    filo_options = {
+        "--descriptions": descriptions,
+        "--adapter-epochs": adapter_epochs,
+        "--prompt-lr": prompt_lr,
+        "--adapter-lr": adapter_lr,
+        "--init": init,
+        "--mosaic/--no-mosaic": mosaic,
+        "--share-class-words/--own-descriptions": share_class_words,
+    }
+    if method.strip().lower() == "filo":
+        from fbclip_edge.train_filo import FiLoTrainConfig, train_filo
+
+        if descriptions is None:
+            raise FBClipError(
+                "--method filo needs --descriptions FILE (JSON: category -> class word and "
+                "defect phrases)"
+            )
+        if precision not in ("auto", "fp32"):
+            raise FBClipError(
+                f"--method filo trains in fp32 (as the reference); drop --precision {precision}"
+            )
+        settings: dict[str, Any] = {
+            "epochs": epochs,
+            "adapter_epochs": adapter_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "prompt_lr": prompt_lr,
+            "adapter_lr": adapter_lr,
+            "seed": seed,
+            "image_size": image_size,
+            "mosaic": mosaic,
+            "share_class_words": share_class_words,
+        }
+        filo_config = FiLoTrainConfig(
+            data=data,
+            out=out,
+            descriptions=descriptions,
+            dataset=dataset,  # type: ignore[arg-type]
+            split=split,
+            categories=_names(categories),
+            exclude=_names(exclude) or (),
+            init=init,
+            backbone=backbone,
+            pretrained=pretrained,
+            clip_weights=clip_weights,
+            feature_layers=_layers(feature_layers),
+            device=device,
+            num_workers=num_workers,
+            max_steps=max_steps,
+            resume=resume,
+            progress=progress,
+            **{k: v for k, v in settings.items() if v is not None},
+        )
+        filo_result = train_filo(filo_config)
+        for entry in filo_result.history:
+            terms = ", ".join(f"{k} {v:.4f}" for k, v in entry.losses.items())
+            console.print(
+                f"stage {entry.stage} epoch {entry.epoch}: {entry.steps} steps, "
+                f"{entry.images} images, {terms}"
+            )
+        console.print(
+            f"wrote {len(filo_result.checkpoints)} checkpoint(s) to {out}; latest: "
+            f"{filo_result.last}"
+        )
+        return
+    given = [name for name, value in filo_options.items() if value is not None]
+    if given:
+        raise FBClipError(
+            f"{', '.join(given)}: FiLo-only option(s); use --method filo or drop them"
+        )
     from fbclip_edge.train import TrainConfig, train
 
     config = TrainConfig.for_method(
