@@ -37,9 +37,14 @@ class CalibrationRun:
 
 
 def calibrate_folder(
-    detector: Detector, good: str | Path, target_fpr: float = 0.01, batch_size: int = 8
+    detector: Detector,
+    good: str | Path,
+    target_fpr: float = 0.01,
+    batch_size: int = 8,
+    category: str | None = None,
 ) -> CalibrationRun:
-    """Score every known-good image under `good` and derive the thresholds."""
+    """Score every known-good image under `good` and derive the thresholds (FiLo
+    artifacts: as `category`, default the Detector's)."""
     from rich.progress import track
 
     from fbclip_edge.data.image_io import read_image
@@ -58,7 +63,7 @@ def calibrate_folder(
             except FBClipError as error:
                 failed[str(path)] = str(error)
         if frames:
-            for detection in detector.predict(frames):
+            for detection in detector.predict(frames, category=category):
                 scores.append(detection.image_score)
                 maps.append(detection.anomaly_map)
     return CalibrationRun(calibrate_scores(np.array(scores), maps, target_fpr), failed)

@@ -6,6 +6,7 @@ device; `stream` overlaps preprocessing of the next batch with inference of the 
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,7 +21,7 @@ from PIL import Image
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.kernels import anomaly_map
 from fbclip_edge.preprocess import preprocess, preprocess_tensor, to_rgb_uint8
-from fbclip_edge.runtime.base import Backend
+from fbclip_edge.runtime.base import Backend, Box, FrameBackend, FrameResult
 
 _DONE = object()  # end-of-stream marker from the preprocessing worker
 # Probabilities: without calibration a frame is anomalous when P(abnormal) >= 0.5.
@@ -45,6 +46,11 @@ class Detection:
     anomaly_map: np.ndarray  # (H, W) float32
     is_anomalous: bool
     defect_mask: np.ndarray  # (H, W) bool, anomaly_map >= pixel threshold
+    # Methods with a box prior (FiLo): its boxes in frame pixels, the position word that
+    # steered the text, and the category the frame was scored as.
+    boxes: list[Box] = field(default_factory=list)
+    position: str | None = None
+    category: str | None = None
 
     @property
     def defect_area(self) -> int:
@@ -120,32 +126,89 @@ def preprocess_on_device(
     return torch.cat(batch), sizes
 
 
+def frames_as_uint8(frames: list[Frame]) -> list[np.ndarray]:
+    """Frames -> RGB uint8 (H, W, 3) host arrays (what a FrameBackend takes)."""
+    return [
+        _tensor_to_rgb(f).cpu().numpy() if isinstance(f, torch.Tensor) else to_rgb_uint8(f)
+        for f in frames
+    ]
+
+
+def map_to_frame(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """An (S, S) map -> the frame's (H, W): bilinear, untouched when the sizes agree."""
+    if tuple(anomaly_map.shape) == size:
+        return anomaly_map.float().cpu().numpy()
+    resized = torch.nn.functional.interpolate(
+        anomaly_map[None, None].float(), size=size, mode="bilinear", align_corners=False
+    )
+    return resized[0, 0].cpu().numpy()
+
+
 class Detector:
-    """Score frames with a backend and decide against calibrated thresholds."""
+    """Score frames with a backend and decide against calibrated thresholds.
+
+    A FrameBackend (FiLo) also needs each frame's category: `category` here is the default,
+    `predict(..., category=)` overrides it per call; artifacts with one category need none.
+    """
 
     def __init__(
-        self, backend: Backend, thresholds: Thresholds | None = None, sigma: float = 4.0
+        self,
+        backend: Backend | FrameBackend,
+        thresholds: Thresholds | None = None,
+        sigma: float = 4.0,
+        category: str | None = None,
     ) -> None:
         self.backend = backend
         self.thresholds = thresholds or Thresholds()
         self.sigma = sigma
-        self.device = backend.input_device
+        if isinstance(backend, FrameBackend):
+            self.device = torch.device("cpu")
+            if category is not None:
+                backend.check_categories(1, [category])
+            elif len(backend.categories) == 1:
+                category = backend.categories[0]
+        elif category is not None:
+            raise FBClipError(
+                "category applies to artifacts of a method with category text (FiLo); "
+                "drop category=, these artifacts score every frame alike"
+            )
+        else:
+            self.device = backend.input_device
+        self.category = category
+        # Per-category thresholds (FiLo, `fbclip-edge calibrate --category`), else `thresholds`.
+        self.category_thresholds: dict[str, Thresholds] = {}
 
     @classmethod
     def open(
-        cls, artifacts: str | Path, backend: str = "auto", device: str | None = None, **options: Any
+        cls,
+        artifacts: str | Path,
+        backend: str = "auto",
+        device: str | None = None,
+        category: str | None = None,
+        **options: Any,
     ) -> Detector:
         """Open an artifacts folder (see `fbclip-edge export`) with its stored calibration.
 
         A TensorRT backend captures a CUDA graph at batch 1 (the camera case) unless
-        `cuda_graph` is given.
+        `cuda_graph` is given. category: the default category of FiLo artifacts.
         """
         if str(artifacts).startswith(("http://", "grpc://")):  # a `fbclip-edge serve` server
             from fbclip_edge.serve import RemoteBackend
 
             remote = RemoteBackend(str(artifacts), **options)
-            return cls(remote, Thresholds(*remote.thresholds))
+            return cls(remote, Thresholds(*remote.thresholds), category=category)
         from fbclip_edge.runtime import open as open_backend
+        from fbclip_edge.runtime import open_frames
+
+        if _manifest_method(artifacts) == "filo":
+            frames = open_frames(artifacts, backend=backend, device=device, **options)
+            detector = cls(frames, thresholds_from_artifacts(artifacts), category=category)
+            detector.category_thresholds = category_thresholds(artifacts)
+            return detector
+        if category is not None:
+            raise FBClipError(
+                "category applies to FiLo artifacts only; drop category= for these artifacts"
+            )
 
         runtime = open_backend(artifacts, backend=backend, device=device, **options)
         capture = getattr(runtime, "enable_cuda_graph", None)
@@ -159,7 +222,51 @@ class Detector:
         """Network input side S."""
         return self.backend.image_size
 
+    def _categories(self, count: int, category: str | None) -> list[str]:
+        name = category or self.category
+        if name is None:
+            assert isinstance(self.backend, FrameBackend)
+            raise FBClipError(
+                "these artifacts score frames by category; pass category= to Detector.open or "
+                f"predict (known: {', '.join(self.backend.categories)})"
+            )
+        return [name] * count
+
+    def _decide(self, result: FrameResult, size: tuple[int, int]) -> Detection:
+        full = map_to_frame(result.anomaly_map, size)
+        limits = self.category_thresholds.get(result.category, self.thresholds)
+        return Detection(
+            image_score=result.image_score,
+            anomaly_map=full,
+            is_anomalous=result.image_score >= limits.image,
+            defect_mask=full >= limits.pixel,
+            boxes=result.boxes,
+            position=result.position,
+            category=result.category,
+        )
+
+    def _infer_frames(self, frames: list[np.ndarray], category: str | None) -> list[Detection]:
+        assert isinstance(self.backend, FrameBackend)
+        categories = self._categories(len(frames), category)
+        results = self.backend.run_frames(frames, categories)
+        return [
+            self._decide(result, (frame.shape[0], frame.shape[1]))
+            for result, frame in zip(results, frames, strict=True)
+        ]
+
+    def _prepare(self, frames: list[Frame]) -> Any:
+        """What the worker hands over: uint8 frames for a FrameBackend, else pixels + sizes."""
+        if isinstance(self.backend, FrameBackend):
+            return frames_as_uint8(frames)
+        return preprocess_frames(frames, self.image_size, self.device)
+
+    def _infer_prepared(self, item: Any, category: str | None) -> list[Detection]:
+        if isinstance(self.backend, FrameBackend):
+            return self._infer_frames(item, category)
+        return self._infer(*item)
+
     def _infer(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Detection]:
+        assert isinstance(self.backend, Backend)
         image_score, patch_map = self.backend.run(pixels)
         scores = image_score.float().cpu().tolist()  # one transfer for the batch
         patch_map = patch_map.to(self.device)
@@ -176,11 +283,14 @@ class Detector:
             for index, score in enumerate(scores)
         ]
 
-    def predict(self, frames: Frame | Sequence[Frame]) -> list[Detection]:
-        """One frame or a batch -> one Detection per frame (always a list)."""
-        batch = split_frames(frames)
-        pixels, sizes = preprocess_frames(batch, self.image_size, self.device)
-        return self._infer(pixels, sizes)
+    def predict(
+        self, frames: Frame | Sequence[Frame], category: str | None = None
+    ) -> list[Detection]:
+        """One frame or a batch -> one Detection per frame (always a list). category
+        (FiLo artifacts): the frames' category, overriding the Detector's default."""
+        if category is not None and not isinstance(self.backend, FrameBackend):
+            raise FBClipError("category applies to FiLo artifacts only; drop category=")
+        return self._infer_prepared(self._prepare(split_frames(frames)), category)
 
     def _produce(
         self,
@@ -197,20 +307,26 @@ class Detector:
                     return
                 chunk.append(frame)
                 if len(chunk) == batch_size:
-                    ready.put(preprocess_frames(chunk, self.image_size, self.device))
+                    ready.put(self._prepare(chunk))
                     chunk = []
             if chunk:
-                ready.put(preprocess_frames(chunk, self.image_size, self.device))
+                ready.put(self._prepare(chunk))
         except BaseException as error:  # raised again in the consumer
             ready.put(error)
         finally:
             ready.put(_DONE)
 
     def stream(
-        self, frames: Iterable[Frame], batch_size: int = 1, prefetch: int = 2
+        self,
+        frames: Iterable[Frame],
+        batch_size: int = 1,
+        prefetch: int = 2,
+        category: str | None = None,
     ) -> Iterator[Detection]:
         """Yield detections in input order; a worker thread preprocesses the next batches
         while the current one runs. No frame is dropped: the queue blocks when full."""
+        if category is not None and not isinstance(self.backend, FrameBackend):
+            raise FBClipError("category applies to FiLo artifacts only; drop category=")
         if batch_size < 1:
             raise FBClipError("batch_size must be >= 1")
         ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
@@ -226,7 +342,7 @@ class Detector:
             while (item := ready.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                yield from self._infer(*item)
+                yield from self._infer_prepared(item, category)
         finally:
             stop.set()
             while worker.is_alive():  # unblock a producer waiting on a full queue
@@ -244,13 +360,35 @@ def _group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], li
     return groups
 
 
+def _manifest_method(artifacts: str | Path) -> str:
+    """The method an artifacts manifest names (FB-CLIP when unreadable: the runtime then
+    reports what is wrong with the folder)."""
+    from fbclip_edge.artifacts.manifest import MANIFEST
+
+    try:
+        manifest = json.loads((Path(artifacts) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "fbclip"
+    return str(manifest.get("method", "fbclip")) if isinstance(manifest, dict) else "fbclip"
+
+
+def _thresholds(calibration: Any) -> Thresholds:
+    return Thresholds(
+        calibration.image_threshold, calibration.pixel_threshold, True, calibration.as_dict()
+    )
+
+
+def category_thresholds(artifacts: str | Path) -> dict[str, Thresholds]:
+    """Per-category calibrations stored in an artifacts manifest (FiLo)."""
+    from fbclip_edge.line.thresholds import read_category_calibrations
+
+    found = read_category_calibrations(artifacts)
+    return {name: _thresholds(calibration) for name, calibration in found.items()}
+
+
 def thresholds_from_artifacts(artifacts: str | Path) -> Thresholds:
     """The calibration stored in an artifacts manifest, or the uncalibrated defaults."""
     from fbclip_edge.line.thresholds import read_calibration
 
     calibration = read_calibration(artifacts)
-    if calibration is None:
-        return Thresholds()
-    return Thresholds(
-        calibration.image_threshold, calibration.pixel_threshold, True, calibration.as_dict()
-    )
+    return Thresholds() if calibration is None else _thresholds(calibration)

@@ -34,6 +34,9 @@ class PredictRow:
     defect_area: int  # pixels
     defect_fraction: float
     overlay: str
+    category: str = ""  # FiLo: the category the file was scored as
+    position: str = ""  # FiLo: the position word of its best anomaly box
+    anomaly_boxes: int = 0  # FiLo: Grounding DINO boxes flagged as anomalies
 
 
 @dataclass
@@ -74,18 +77,22 @@ def write_tables(result: PredictResult, out: Path) -> None:
     """results.csv and results.json (with the failures), each written atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["file", "score", "decision", "defect_area", "defect_fraction", "overlay"])
+    columns = ["file", "score", "decision", "defect_area", "defect_fraction", "overlay"]
+    with_category = any(row.category for row in result.rows)
+    extra = ["category", "position", "anomaly_boxes"] if with_category else []
+    writer.writerow(columns + extra)
     for row in result.rows:
-        writer.writerow(
-            [
-                row.file,
-                f"{row.score:.6f}",
-                row.decision,
-                row.defect_area,
-                f"{row.defect_fraction:.6f}",
-                row.overlay,
-            ]
-        )
+        values = [
+            row.file,
+            f"{row.score:.6f}",
+            row.decision,
+            row.defect_area,
+            f"{row.defect_fraction:.6f}",
+            row.overlay,
+        ]
+        if with_category:
+            values += [row.category, row.position, row.anomaly_boxes]
+        writer.writerow(values)
     write_text_atomic(out / "results.csv", buffer.getvalue())
     payload = {
         "results": [asdict(r) for r in result.rows],
@@ -105,9 +112,11 @@ def predict_files(
     out: str | Path,
     show_progress: bool = True,
     batch_size: int = 8,
+    category: str | None = None,
 ) -> PredictResult:
     """Score every input image, batch_size readable images per backend call (frames of one
-    size share the map call too); write one overlay PNG per image plus the result tables."""
+    size share the map call too); write one overlay PNG per image plus the result tables.
+    category: for FiLo artifacts, the category of every input (default: the Detector's)."""
     if batch_size < 1:
         raise FBClipError(f"batch size must be >= 1, got {batch_size}")
     files = collect_inputs(inputs)
@@ -123,7 +132,8 @@ def predict_files(
                     chunk.append((index, files[index], read_image(files[index])))
                 except FBClipError as error:
                     result.failed[str(files[index])] = str(error)
-            detections = detector.predict([image for _, _, image in chunk]) if chunk else []
+            images = [image for _, _, image in chunk]
+            detections = detector.predict(images, category=category) if chunk else []
             for (index, path, image), detection in zip(chunk, detections, strict=True):
                 result.rows.append(_write_overlay(out, index, path, image, detection))
             progress.advance(task, min(batch_size, len(files) - first))
@@ -138,7 +148,11 @@ def _write_overlay(
     decision = "anomalous" if detection.is_anomalous else "good"
     name = f"{index:05d}_{path.stem}.png"
     caption = f"{path.parent.name}/{path.name}  score {detection.image_score:.3f}  {decision}"
-    panel = overlay_panel(image, detection.anomaly_map, detection.defect_mask, caption)
+    if detection.category is not None:
+        caption += f"  {detection.category}, {detection.position or 'no position'}"
+    panel = overlay_panel(
+        image, detection.anomaly_map, detection.defect_mask, caption, detection.boxes
+    )
     temp = out / "overlays" / f".{name}.tmp"
     panel.save(temp, format="PNG")
     os.replace(temp, out / "overlays" / name)
@@ -150,4 +164,7 @@ def _write_overlay(
         area,
         area / detection.defect_mask.size,
         f"overlays/{name}",
+        category=detection.category or "",
+        position=detection.position or "",
+        anomaly_boxes=sum(box.is_anomaly for box in detection.boxes),
     )

@@ -104,13 +104,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_calibration(artifacts: str | Path) -> Calibration | None:
-    """The stored calibration, or None when the artifacts were never calibrated."""
-    stored = _read_manifest(_manifest_path(artifacts)).get("calibration")
-    if not stored:
-        return None
+#: Per-category calibrations (FiLo: each category has its own text, so its own scale).
+BY_CATEGORY = "calibration_by_category"
+
+
+def _calibration(stored: object, artifacts: str | Path) -> Calibration:
     try:
-        return Calibration(**stored)
+        return Calibration(**stored)  # type: ignore[arg-type]
     except TypeError:
         raise FBClipError(
             f"the calibration in {artifacts}/{MANIFEST} is malformed; "
@@ -118,11 +118,31 @@ def read_calibration(artifacts: str | Path) -> Calibration | None:
         ) from None
 
 
-def write_calibration(artifacts: str | Path, calibration: Calibration) -> Path:
-    """Store the calibration in the manifest, atomically (temp file + rename)."""
+def read_calibration(artifacts: str | Path, category: str | None = None) -> Calibration | None:
+    """The stored calibration (of `category`, if given), or None when there is none."""
+    manifest = _read_manifest(_manifest_path(artifacts))
+    stored = (
+        manifest.get(BY_CATEGORY, {}).get(category) if category else manifest.get("calibration")
+    )
+    return _calibration(stored, artifacts) if stored else None
+
+
+def read_category_calibrations(artifacts: str | Path) -> dict[str, Calibration]:
+    """Every per-category calibration stored in the manifest."""
+    stored = _read_manifest(_manifest_path(artifacts)).get(BY_CATEGORY) or {}
+    return {str(name): _calibration(entry, artifacts) for name, entry in stored.items()}
+
+
+def write_calibration(
+    artifacts: str | Path, calibration: Calibration, category: str | None = None
+) -> Path:
+    """Store the calibration (as `category`'s, if given) in the manifest, atomically."""
     path = _manifest_path(artifacts)
     manifest = _read_manifest(path)
-    manifest["calibration"] = calibration.as_dict()
+    if category:
+        manifest.setdefault(BY_CATEGORY, {})[category] = calibration.as_dict()
+    else:
+        manifest["calibration"] = calibration.as_dict()
     handle, temp = tempfile.mkstemp(prefix=".manifest.", dir=path.parent)
     with os.fdopen(handle, "w") as stream:
         stream.write(json.dumps(manifest, indent=2) + "\n")

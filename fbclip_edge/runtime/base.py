@@ -92,6 +92,80 @@ class Backend(ABC):
         """Backend-specific inference on checked input."""
 
 
+@dataclass(frozen=True)
+class Box:
+    """A detector box in the frame's pixels (x0, y0, x1, y1; may reach past the frame)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: str
+    score: float
+    is_anomaly: bool
+
+
+@dataclass
+class FrameResult:
+    """One frame from a FrameBackend: the map at the network's S x S, boxes in frame pixels."""
+
+    image_score: float
+    anomaly_map: torch.Tensor  # (S, S) float32
+    boxes: list[Box]
+    position: str | None
+    category: str
+
+
+class FrameBackend(ABC):
+    """Backends of methods whose text depends on the frame and its category (FiLo): they
+    take the uint8 frames themselves (each method preprocesses them its own way, and a box
+    prior reads the original frame) and a category per frame."""
+
+    info: BackendInfo
+    categories: tuple[str, ...]
+
+    @property
+    def image_size(self) -> int:
+        """Side S of the anomaly maps."""
+        return self.info.image_size
+
+    def check_categories(self, count: int, categories: list[str]) -> list[str]:
+        """One known category per frame, else a one-line error naming the known ones."""
+        if len(categories) != count:
+            raise FBClipError(f"{count} frames but {len(categories)} categories; give one each")
+        for name in categories:
+            if name not in self.categories:
+                raise FBClipError(
+                    f"category {name!r} is not in these artifacts' descriptions (known: "
+                    f"{', '.join(self.categories)}); add it to the descriptions file and "
+                    "re-import and re-export, or pass a known category"
+                )
+        return categories
+
+    def run_frames(self, frames: list[np.ndarray], categories: list[str]) -> list[FrameResult]:
+        """RGB uint8 (H, W, 3) frames and their categories -> one FrameResult each."""
+        for frame in frames:
+            if not (
+                isinstance(frame, np.ndarray)
+                and frame.dtype == np.uint8
+                and frame.ndim == 3
+                and frame.shape[-1] == 3
+            ):
+                shape = getattr(frame, "shape", None)
+                raise FBClipError(
+                    f"frames must be RGB uint8 (H, W, 3) arrays, got {shape} "
+                    f"{getattr(frame, 'dtype', type(frame).__name__)}; use "
+                    "fbclip_edge.preprocess.to_rgb_uint8"
+                )
+        if not frames:
+            raise FBClipError("run_frames() got an empty batch of frames")
+        return self._run_frames(frames, self.check_categories(len(frames), categories))
+
+    @abstractmethod
+    def _run_frames(self, frames: list[np.ndarray], categories: list[str]) -> list[FrameResult]:
+        """Backend-specific inference on checked input."""
+
+
 class MapScorer:
     """Projected maps (B, M, T, D) -> image_score, patch_map with the fused kernels, as the
     model's `score` does; used by backends that run only the vision graph."""

@@ -24,7 +24,7 @@ from fbclip_edge.artifacts.options import Precision, tensorrt_installed
 from fbclip_edge.checkpoint import WEIGHTS_FILE
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime import cpu_features
-from fbclip_edge.runtime.base import Backend, TorchBackend
+from fbclip_edge.runtime.base import Backend, FrameBackend, TorchBackend
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "openvino")
 PRECISIONS = tuple(p.value for p in Precision)
@@ -271,6 +271,11 @@ def open(  # noqa: A001 - the public name the runtime is known by
     """
     folder = Path(artifacts)
     manifest = read_manifest(folder)
+    if manifest.method == "filo":
+        raise FBClipError(
+            f"{folder} holds FiLo artifacts, which take frames and a category; open them with "
+            "Detector.open(artifacts, category=...) or fbclip_edge.runtime.open_frames"
+        )
     if backend not in BACKENDS:
         raise FBClipError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     why = f"asked for {backend}"
@@ -296,3 +301,29 @@ def open(  # noqa: A001 - the public name the runtime is known by
     opened.info.details["selected"] = why
     opened.info.details["artifacts"] = str(folder)
     return opened
+
+
+def open_frames(
+    artifacts: str | Path,
+    backend: str = "auto",
+    provider: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    verify: bool = True,
+    threads: int | None = None,
+) -> FrameBackend:
+    """Open artifacts of a method that takes frames and categories (FiLo) as a FrameBackend.
+
+    backend: 'auto' (onnxruntime when installed) | 'torch' | 'onnxruntime'; the other
+    options as for `open`.
+    """
+    folder = Path(artifacts)
+    manifest = read_manifest(folder)
+    if manifest.method != "filo":
+        raise FBClipError(
+            f"{folder} holds {manifest.method} artifacts, which take preprocessed pixels; "
+            "open them with fbclip_edge.runtime.open"
+        )
+    from fbclip_edge.runtime.filo import open_filo
+
+    return open_filo(folder, manifest, backend, provider, device, precision, verify, threads)

@@ -76,9 +76,12 @@ class RemoteDetector(Detector):
             raise FBClipError(f"maps must be one of {', '.join(MAP_CHOICES)}, not {maps!r}")
         return cls(RemoteBackend(url, model, timeout_s), maps)
 
-    def predict(self, frames: Frame | Sequence[Frame]) -> list[Detection]:
+    def predict(
+        self, frames: Frame | Sequence[Frame], category: str | None = None
+    ) -> list[Detection]:
         """One frame or a batch -> one Detection per frame; one request per run of frames
         of one size (up to the server's max batch)."""
+        _no_category(category)
         batch = [rgb_frame(frame) for frame in split_frames(frames)]
         detections: list[Detection] = []
         for run in same_size_runs(batch, self.remote.max_batch):
@@ -107,9 +110,14 @@ class RemoteDetector(Detector):
         ]
 
     def stream(
-        self, frames: Iterable[Frame], batch_size: int = 1, prefetch: int = 2
+        self,
+        frames: Iterable[Frame],
+        batch_size: int = 1,
+        prefetch: int = 2,
+        category: str | None = None,
     ) -> Iterator[Detection]:
         """Yield detections in input order, `batch_size` frames per request round."""
+        _no_category(category)
         if batch_size < 1:
             raise FBClipError("batch_size must be >= 1")
         chunk: list[Any] = []
@@ -130,3 +138,12 @@ class RemoteDetector(Detector):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _no_category(category: str | None) -> None:
+    """The server serves methods with frozen text; categories (FiLo) are not served yet."""
+    if category is not None:
+        raise FBClipError(
+            "fbclip-edge serve does not serve FiLo's per-category text yet; drop category=, "
+            "or run FiLo artifacts locally with Detector.open(artifacts, category=...)"
+        )

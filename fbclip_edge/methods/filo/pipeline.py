@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -335,6 +336,23 @@ class FiLoPipeline:
                     )
                 )
         return results
+
+
+    def run_frames(
+        self, frames: Sequence[np.ndarray], categories: Sequence[str]
+    ) -> list[FiLoResult]:
+        """RGB uint8 frames (H, W, 3) -> results: CLIP input by spec 1.1 (PIL bicubic to
+        S x S), Grounding DINO input by spec 1.2 from the same frame, one call per frame."""
+        from fbclip_edge.preprocess import preprocess
+
+        with self.times.timed("host"):
+            pixels = preprocess(list(frames), self.image_size)
+            gd_pixels = None
+            if self.use_boxes:
+                from fbclip_edge.methods.filo.grounding import gd_preprocess
+
+                gd_pixels = [gd_preprocess(frame) for frame in frames]
+        return self.run(pixels, categories, gd_pixels)
 
 
 def score_maps(
