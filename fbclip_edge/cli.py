@@ -583,11 +583,34 @@ def export(
         Path | None, typer.Option(help="Timing cache to start from; default: OUT/timing.cache.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="CUDA device, e.g. cuda:1.")] = None,
+    frame_size: Annotated[
+        str | None,
+        typer.Option(
+            help="FiLo: camera frame WxH, which sizes Grounding DINO's input; default: S x S."
+        ),
+    ] = None,
 ) -> None:
     """Export ONNX graphs and TensorRT engines with a manifest and a parity report."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fbclip_edge.export import ParityError, export_artifacts, parity_table, read_parity_images
+    from fbclip_edge.methods.filo.folder import is_filo_folder
+
+    if is_filo_folder(model):
+        not_filo = {
+            "--image-size": image_size is not None,
+            f"--targets {targets}": targets.strip().lower() not in ("auto", "onnx"),
+            f"--scoring {scoring}": scoring != "kernel",
+            "--calibration-frames": calibration_frames is not None,
+            "--workspace-gb/--opt-level/--timing-cache (TensorRT)": (workspace_gb, opt_level)
+            != (8.0, 3)
+            or timing_cache is not None,
+            "--device": device is not None,
+        }
+        _export_filo(model, out, batch, precision, frame_size, parity_images, not_filo)
+        return
+    if frame_size is not None:
+        raise FBClipError("--frame-size is for FiLo model folders only; drop it")
 
     frames, labels = read_parity_images(parity_images) if parity_images else (None, None)
     calibration = None
@@ -633,6 +656,55 @@ def export(
     console.print(
         f"wrote {out}: {len(manifest.files)} files, {manifest.precision.value}, "
         f"scoring={manifest.scoring.value}, batch {manifest.batch}{built}"
+    )
+
+
+def _export_filo(
+    model: Path,
+    out: Path,
+    batch: str,
+    precision: str,
+    frame_size: str | None,
+    parity_images: Path | None,
+    not_filo: dict[str, bool],
+) -> None:
+    """`export` on a FiLo model folder: its split ONNX export (export.filo)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from fbclip_edge.export import ParityError, parity_table, read_parity_images
+    from fbclip_edge.export.filo import export_filo
+    from fbclip_edge.methods.filo.folder import load_filo
+
+    given = [name for name, present in not_filo.items() if present]
+    if given:
+        raise FBClipError(
+            f"{', '.join(given)}: not for FiLo model folders; FiLo exports ONNX graphs for "
+            "onnxruntime with --precision fp32|fp16, --batch, --frame-size WxH, --parity-images"
+        )
+    height_width = _frame_size(frame_size) if frame_size is not None else None
+    size = (height_width[1], height_width[0]) if height_width is not None else None
+    frames = read_parity_images(parity_images)[0] if parity_images else None
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("load FiLo model folder", total=None)
+
+        def step(text: str, done: int, total: int) -> None:
+            bar.update(task, description=text, completed=done, total=total)
+
+        try:
+            result = export_filo(
+                load_filo(model), out, precision, batch, size, step, parity_frames=frames
+            )
+        except ParityError as error:
+            console.print(parity_table(error.report))
+            raise
+    if result.parity is not None:
+        console.print(parity_table(result.parity))
+    manifest = result.manifest
+    graphs = ", ".join(spec.file for spec in manifest.graphs)
+    console.print(
+        f"wrote {out}: {len(manifest.files)} files, FiLo {manifest.precision.value}, "
+        f"batch {manifest.batch}; graphs {graphs}"
     )
 
 

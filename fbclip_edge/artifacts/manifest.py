@@ -274,6 +274,13 @@ def verify_files(manifest: Manifest, folder: str | Path, names: list[str]) -> No
 
 def export_command(manifest: Manifest, artifacts: str | Path, targets: str = "onnx,trt") -> str:
     """The command that rebuilds these artifacts, for error messages."""
+    if manifest.method == "filo":  # FiLo's export takes no image size, scoring or targets
+        frame = manifest.extra.get("filo", {}).get("frame_size")
+        size = f" --frame-size {frame[0]}x{frame[1]}" if frame else ""
+        return (
+            f"fbclip-edge export --model {manifest.model.path} --out {artifacts} "
+            f"--batch {manifest.batch} --precision {manifest.precision.value}{size}"
+        )
     if manifest.precision.cpu_only:  # bf16 and int8 build no engine
         targets = "onnx"
     return (

@@ -46,10 +46,18 @@ class Target(str, Enum):
 
 
 class GraphRole(str, Enum):
-    """vision: pixels -> 15 projected token maps; full: pixels -> image score and patch map."""
+    """vision: pixels -> 15 projected token maps; full: pixels -> image score and patch map.
+
+    FiLo's split export (its text depends on the image) adds text (prompt embeddings -> text
+    features), score (head features, text, conditioning -> score and map) and grounding
+    (Grounding DINO); its vision graph gives the conditioning vector and head features.
+    """
 
     VISION = "vision"
     FULL = "full"
+    TEXT = "text"
+    SCORE = "score"
+    GROUNDING = "grounding"
 
 
 def _choice(kind: type[Enum], value: object, option: str) -> Enum:
