@@ -790,8 +790,8 @@ def bench(
     method: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated methods timed side by side, or all (default: the folder's, "
-            "else fbclip)."
+            help="Comma-separated methods timed side by side (fbclip, anomalyclip, filo), or "
+            "all (default: the folder's, else fbclip)."
         ),
     ] = None,
     backends: Annotated[

@@ -30,6 +30,7 @@ from fbclip_edge.runtime import TorchBackend
 FAKE = "onnxruntime-cpu"  # an exported backend's slot, filled by a fused torch stand-in
 SIZE = 28
 REGISTERED = sorted(METHODS)
+EVERY = sorted({*METHODS, "filo"})  # --method all: the registry and FiLo (tests/test_bench_filo.py)
 RECORDED = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
@@ -202,7 +203,7 @@ def test_speedups_never_cross_methods():
 
 def test_parse_methods():
     assert harness.parse_methods(None) is None and harness.parse_methods(" ") is None
-    assert harness.parse_methods("all") == tuple(REGISTERED)
+    assert harness.parse_methods("all") == tuple(EVERY)
     assert harness.parse_methods("FBCLIP, fbclip") == ("fbclip",)
     with pytest.raises(FBClipError, match="unknown method 'nope'"):
         harness.parse_methods("fbclip,nope")
@@ -240,8 +241,8 @@ def test_cli_times_every_method_in_one_run(tmp_path):
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     data = json.loads((tmp_path / "results.json").read_text())
-    assert [m["method"] for m in data["models"]] == REGISTERED
-    assert {m["method"] for m in data["measurements"]} == set(REGISTERED)
+    assert [m["method"] for m in data["models"]] == EVERY
+    assert {m["method"] for m in data["measurements"]} == set(EVERY)
     assert (tmp_path / "results.png").stat().st_size > 0
 
 

@@ -52,6 +52,8 @@ from fbclip_edge.preprocess import preprocess, preprocess_tensor
 
 SCHEMA_VERSION = 2
 DEFAULT_METHODS = ("fbclip",)
+#: FiLo is timed by bench/filo.py: not a registered AnomalyModel (its text is per frame).
+FILO = "filo"
 STAGES = ("preprocess", "network", "scoring", "map")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -126,6 +128,8 @@ class Measurement:
     speedup / model_speedup: throughput over the same method's torch-eager-fp32 at the same
     batch, same run (never across methods: they do different amounts of work).
     other_cpu_share: share of the machine's CPU other processes took while this was timed.
+    stages_ms: mean ms per image of each stage (means add up to at most the pipeline's);
+    FiLo rows' stages are grounding, vision, text, score and host (bench/filo.py).
     """
 
     backend: str
@@ -147,6 +151,7 @@ class Measurement:
     other_cpu_share: float | None = None
     power_mw: dict[str, float] | None = None
     method: str = "fbclip"
+    stages_ms: dict[str, float] | None = None
 
 
 @dataclass
@@ -181,6 +186,7 @@ class ModelInfo:
     flops_backbone: int
     flops_heads: int
     flops_total: int
+    stage_flops: dict[str, int] | None = None  # FiLo: per network, counted on one frame
 
 
 @dataclass
@@ -244,9 +250,25 @@ def parse_methods(text: str | None) -> tuple[str, ...] | None:
     if text is None or not text.strip():
         return None
     if text.strip().lower() == "all":
-        return tuple(sorted(METHODS))
-    names = [get_method(part.strip()).name for part in text.split(",") if part.strip()]
+        return bench_methods()
+    names = [method_name(part) for part in text.split(",") if part.strip()]
     return tuple(dict.fromkeys(names))
+
+
+def bench_methods() -> tuple[str, ...]:
+    """Every method the bench can time: the registered ones and FiLo."""
+    return tuple(sorted({*METHODS, FILO}))
+
+
+def method_name(text: str) -> str:
+    """A registered method's name or 'filo', else a one-line error listing them all."""
+    name = text.strip().lower()
+    if name == FILO:
+        return FILO
+    if name not in METHODS:
+        known = ", ".join(bench_methods())
+        raise FBClipError(f"unknown method {text.strip()!r}; use one of: {known}")
+    return get_method(name).name
 
 
 def parse_backends(text: str | None) -> tuple[str, ...] | None:
@@ -517,6 +539,7 @@ def measure(
         other_cpu_share=other_cpu_share(cpu_start, cpu_end),
         power_mw=power.mean_mw(window_start, window_end),
         method=method,
+        stages_ms={name: float(np.mean(v)) / batch for name, v in samples.stages.items() if v},
     )
     return row, kind
 
@@ -575,9 +598,12 @@ def folder_methods(model: Path | None, artifacts: Path | None) -> list[tuple[str
     from fbclip_edge.artifacts.manifest import read_manifest
     from fbclip_edge.checkpoint import read_config
     from fbclip_edge.methods.base import method_of_folder
+    from fbclip_edge.methods.filo.folder import is_filo_folder
 
     found = []
-    if model is not None:
+    if model is not None and is_filo_folder(model):
+        found.append((FILO, model))
+    elif model is not None:
         found.append((method_of_folder(read_config(model)[1]), model))
     if artifacts is not None:
         found.append((read_manifest(artifacts).method, artifacts))
@@ -588,8 +614,8 @@ def resolve_methods(config: BenchConfig) -> tuple[str, ...]:
     """config.methods as registry names; with a folder they must be exactly its method,
     since a folder's weights cannot stand in for another method's model."""
     if not config.methods:
-        raise FBClipError(f"--method needs a method; use one of: {', '.join(sorted(METHODS))}")
-    names = tuple(dict.fromkeys(get_method(name).name for name in config.methods))
+        raise FBClipError(f"--method needs a method; use one of: {', '.join(bench_methods())}")
+    names = tuple(dict.fromkeys(method_name(name) for name in config.methods))
     found = folder_methods(config.model, config.artifacts)
     if len({method for method, _ in found}) > 1:
         (model_method, model_dir), (art_method, art_dir) = found
@@ -721,6 +747,7 @@ class _MethodOutcome:
     measurements: list[Measurement]
     drift: dict[str, float] | None
     export_note: str | None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -747,6 +774,10 @@ class _Run:
     def method(self, method: str, chosen: list[str], skipped: dict[str, str]) -> _MethodOutcome:
         """Every chosen backend on `method`'s model, baseline first, then the baseline again
         for this method's drift; the model and its export are gone when this returns."""
+        if method == FILO:
+            from fbclip_edge.bench.filo import filo_outcome
+
+            return filo_outcome(self, chosen, skipped)
         model, source = _load_model(self.config, method)
         _check_artifacts(self.config, model)
         info = _model_info(model, method, source)
@@ -877,6 +908,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     measurements = [row for outcome in outcomes for row in outcome.measurements]
     add_speedups(measurements)
     notes.extend(o.export_note for o in outcomes if o.export_note)
+    notes.extend(note for o in outcomes for note in o.notes)
     notes.extend(_standard_notes(run.preprocess_kinds))
     notes.extend(_contention_notes(measurements))
     drift = {o.info.method: o.drift for o in outcomes if o.drift is not None}

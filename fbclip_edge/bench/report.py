@@ -148,13 +148,38 @@ STAGE_HEADER = ["method", "backend", "batch", "preprocess", "network", "scoring"
 
 
 def stage_rows(results: BenchResults) -> list[list[str]]:
-    """p50 milliseconds per stage: where the time goes."""
+    """p50 milliseconds per stage: where the time goes (FiLo rows have their own table)."""
     return [
         [row.method, row.backend, str(row.batch),
          *(_stage_ms(row, s) for s in ("preprocess", "network", "scoring", "map")),
          _ms(row.pipeline.p50_ms)]
         for row in results.measurements
+        if not is_filo_row(row)
     ]
+
+
+FILO_STAGES = ("grounding", "vision", "text", "score", "host")
+FILO_STAGE_HEADER = ["method", "backend", "batch", *FILO_STAGES, "other", "pipeline"]
+
+
+def is_filo_row(row: Measurement) -> bool:
+    """FiLo rows time grounding ... host (bench/filo.py) instead of preprocess ... map."""
+    return "grounding" in row.stages
+
+
+def filo_stage_rows(results: BenchResults) -> list[list[str]]:
+    """Mean ms per image per FiLo stage; 'other' is the pipeline's rest (result conversion)."""
+    rows = []
+    for row in results.measurements:
+        if not is_filo_row(row):
+            continue
+        per_image = row.stages_ms or {}
+        total = row.pipeline.mean_ms / row.batch
+        other = total - sum(per_image.get(stage, 0.0) for stage in FILO_STAGES)
+        rows.append([row.method, row.backend, str(row.batch),
+                     *(_ms(per_image.get(stage)) for stage in FILO_STAGES),
+                     _ms(max(other, 0.0)), _ms(total)])
+    return rows
 
 
 NOT_MEASURED_HEADER = ["method", "backend", "status", "reason"]
@@ -236,6 +261,15 @@ def terminal_report(results: BenchResults, width: int = 200) -> Group:
     for row in summary_rows(results, header):
         table.add_row(*row)
     parts: list[Table | Text] = [table]
+    filo = filo_stage_rows(results)
+    if filo:
+        stages = Table(title="FiLo stages (mean ms per image)", title_justify="left")
+        for name in FILO_STAGE_HEADER:
+            text = name in ("method", "backend")
+            stages.add_column(name, no_wrap=text, justify="left" if text else "right")
+        for cells in filo:
+            stages.add_row(*cells)
+        parts.append(stages)
     missing = not_measured(results)
     if missing:
         skipped = Table(*NOT_MEASURED_HEADER, title="Not measured", title_justify="left")
@@ -329,6 +363,7 @@ def markdown(results: BenchResults) -> str:
         "",
         *_md_table(STAGE_HEADER, stage_rows(results)),
         "",
+        *_filo_lines(results),
         *targets.markdown_lines(results),
     ]
     missing = not_measured(results)
@@ -337,6 +372,17 @@ def markdown(results: BenchResults) -> str:
                   *_md_table(NOT_MEASURED_HEADER, [list(m) for m in missing]), ""]
     lines += ["## Notes", "", *(f"- {note}" for note in results.notes), ""]
     return "\n".join(lines)
+
+
+def _filo_lines(results: BenchResults) -> list[str]:
+    """The FiLo stage table, when the run timed FiLo."""
+    rows = filo_stage_rows(results)
+    if not rows:
+        return []
+    return ["## FiLo stages (mean ms per image)", "",
+            "Grounding DINO and text run once per frame, vision and score once per batch; "
+            "\"other\" is what the pipeline spent outside its stages (result conversion).", "",
+            *_md_table(FILO_STAGE_HEADER, rows), ""]
 
 
 HATCHES = ("", "//", "\\\\", "xx", "..", "oo", "--", "++")
