@@ -481,11 +481,18 @@ def train_command(
 def eval_command(
     data: Annotated[Path, typer.Option(help="Dataset root to evaluate on (its test split).")],
     model: Annotated[
-        Path | None, typer.Option(help="Model folder (runs with --backend torch).")
+        Path | None,
+        typer.Option(
+            help="Model folder (runs with --backend torch); a FiLo folder runs its torch "
+            "pipeline with its Grounding DINO, each image with its dataset category."
+        ),
     ] = None,
     artifacts: Annotated[
         Path | None,
-        typer.Option(help="Export folder (for --backend onnxruntime|tensorrt|openvino|auto)."),
+        typer.Option(
+            help="Export folder (for --backend onnxruntime|tensorrt|openvino|auto; FiLo "
+            "artifacts: torch|onnxruntime|auto)."
+        ),
     ] = None,
     backend: Annotated[
         str, typer.Option(help="torch, onnxruntime, tensorrt, openvino or auto.")
@@ -507,14 +514,21 @@ def eval_command(
     provider: Annotated[str | None, typer.Option(help="onnxruntime execution provider.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backend call.")] = 8,
     sigma: Annotated[
-        float, typer.Option(help="Gaussian sigma of the anomaly map (spec: 4).")
+        float,
+        typer.Option(
+            help="Gaussian sigma of the anomaly map (spec: 4); not for FiLo, whose maps come "
+            "blurred."
+        ),
     ] = 4.0,
     out: Annotated[
         Path | None, typer.Option(help="JSON report to write; the Markdown goes beside it (.md).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Zero-shot metrics per category and mean: image/pixel AUROC, AP, max-F1 and AU-PRO."""
+    """Zero-shot metrics per category and mean: image/pixel AUROC, AP, max-F1 and AU-PRO.
+
+    FiLo takes each image's category from the dataset; every category must be in its
+    descriptions file (checked before scoring)."""
     from fbclip_edge.eval import EvalConfig, report_table, run_eval, write_report
 
     config = EvalConfig(

@@ -1,5 +1,6 @@
-"""Zero-shot evaluation through any `Backend` (torch, onnxruntime, TensorRT): per-category and
-mean image/pixel metrics at ground-truth resolution, as a rich table, JSON and Markdown."""
+"""Zero-shot evaluation through any `Backend` (torch, onnxruntime, TensorRT) or FiLo's
+`FrameBackend`: per-category and mean image/pixel metrics at ground-truth resolution, as a
+rich table, JSON and Markdown."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from fbclip_edge.data import Sample, load_dataset, read_image, read_mask
 from fbclip_edge.data.layouts import LayoutKind
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.fileio import write_text_atomic
+from fbclip_edge.methods.base import method_of_folder
 from fbclip_edge.metrics import METRIC_KEYS, evaluate
+from fbclip_edge.modelformat import CONFIG_FILE
 from fbclip_edge.postprocess import anomaly_map
 from fbclip_edge.preprocess import preprocess
-from fbclip_edge.runtime.base import Backend, TorchBackend
+from fbclip_edge.runtime.base import Backend, BackendInfo, FrameBackend, TorchBackend
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -58,7 +61,9 @@ class EvalConfig:
     """What `run_eval` evaluates and through which backend.
 
     `model` (a model folder) runs the PyTorch model; `artifacts` (an export folder) goes
-    through `fbclip_edge.runtime.open`, so onnxruntime and TensorRT share this loop.
+    through `fbclip_edge.runtime.open`, so onnxruntime and TensorRT share this loop. FiLo
+    folders and artifacts run through a `FrameBackend` (`open_frame_backend`), each image
+    with its dataset category.
     """
 
     data: Path
@@ -120,10 +125,19 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
     dataset: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    method: str = "fbclip"
+    # How the maps were made when not the patch map + Gaussian sigma (FiLo's own S x S map).
+    map_info: dict[str, Any] | None = None
+
+    @property
+    def title(self) -> str:
+        """The method's name as papers cite it, e.g. "FiLo (ACM MM 2024)"."""
+        return method_title(self.method)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: fractions in [0, 1]; NaN becomes null so the file is strict JSON."""
         data = {
+            "method": self.method,
             "metrics": {key: METRIC_LABELS[key] for key in METRIC_KEYS},
             "metric_notes": METRIC_NOTES,
             "mean": self.mean,
@@ -131,7 +145,7 @@ class EvalReport:
             "nan_categories": self.nan_categories,
             "backend": self.backend,
             "timing": self.timing,
-            "anomaly_map": {"sigma": self.sigma, "resolution": "ground truth"},
+            "anomaly_map": self.map_info or {"sigma": self.sigma, "resolution": "ground truth"},
             "notes": self.notes,
             "dataset": self.dataset,
             "model": self.model,
@@ -156,6 +170,18 @@ def _nan_to_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_nan_to_none(v) for v in value]
     return value
+
+
+def method_title(name: str) -> str:
+    """A method's title from its registry entry (FiLo's METHOD_INFO); unknown names as is."""
+    if name == "filo":
+        from fbclip_edge.methods.filo import METHOD_INFO
+
+        return METHOD_INFO.title
+    from fbclip_edge.methods import METHODS
+
+    spec = METHODS.get(name)
+    return name if spec is None else spec.title
 
 
 # --------------------------------------------------------------------------- the loop
@@ -213,6 +239,53 @@ def _run_category(
     return collected
 
 
+def _frame_map(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A FrameBackend's (S, S) map at the ground truth's (H, W): bilinear, align_corners
+    False, the upsampling FB-CLIP's patch map gets (no extra blur: FiLo's map is blurred),
+    and untouched when the frame is S x S, so the map's values stay the method's own."""
+    amap = amap.detach().float().cpu()
+    if tuple(amap.shape) != size:
+        amap = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)
+        amap = amap[0, 0]
+    return amap.numpy()
+
+
+def _run_frame_category(
+    backend: FrameBackend,
+    samples: Sequence[Sample],
+    batch_size: int,
+    advance: Callable[[int, str], None],
+) -> _Collected:
+    """As `_run_category` for backends that take frames and categories (FiLo): each image's
+    dataset category selects its text; no sigma (the method blurs its own map)."""
+    collected = _Collected()
+    for batch in _chunks(samples, batch_size):
+        images = [read_image(s.image_path) for s in batch]
+        started = time.perf_counter()
+        results = backend.run_frames(images, [s.category for s in batch])
+        collected.inference_seconds += time.perf_counter() - started
+        for sample, image, result in zip(batch, images, results, strict=True):
+            height, width = image.shape[:2]
+            mask = read_mask(sample.mask_path, (height, width))
+            collected.labels.append(int(sample.label))
+            collected.scores.append(float(result.image_score))
+            collected.maps.append(_frame_map(result.anomaly_map, (height, width)))
+            collected.masks.append(mask > 0.5)
+        advance(len(batch), batch[0].category)
+    return collected
+
+
+def check_frame_categories(backend: FrameBackend, samples: Sequence[Sample], fix: str) -> None:
+    """Every dataset category must be in the backend's descriptions: checked for all of them
+    before scoring, so one run names everything to add instead of failing per category."""
+    missing = sorted({s.category for s in samples} - set(backend.categories))
+    if missing:
+        raise FBClipError(
+            f"categories {', '.join(missing)} are not in the descriptions (known: "
+            f"{', '.join(backend.categories) or 'none'}); {fix}"
+        )
+
+
 def _resize_mask(mask: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour with PIL, the same sampling read_mask uses."""
     image = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -259,19 +332,26 @@ def _mean(results: dict[str, CategoryResult]) -> tuple[dict[str, float], dict[st
 
 
 def evaluate_backend(
-    backend: Backend,
+    backend: Backend | FrameBackend,
     samples: Sequence[Sample],
     batch_size: int = 8,
     sigma: float = 4.0,
     progress: bool = False,
+    method: str | None = None,
 ) -> EvalReport:
     """Metrics per category and their mean for any Backend (the export parity uses this).
 
     Maps follow spec section 6: patch map bilinearly upsampled to each image's ground-truth
-    size, then Gaussian sigma; the backend only supplies image scores and patch maps.
+    size, then Gaussian sigma; the backend only supplies image scores and patch maps. A
+    FrameBackend (FiLo) gets each image's dataset category and supplies (S, S) maps, which
+    are upsampled the same way and not blurred again.
     """
     if not samples:
         raise FBClipError("no samples to evaluate; check the dataset path and category filters")
+    if isinstance(backend, FrameBackend):
+        check_frame_categories(
+            backend, samples, "add them to the descriptions file and re-import (and re-export)"
+        )
     grouped = _by_category(samples)
     results: dict[str, CategoryResult] = {}
     notes: list[str] = []
@@ -280,7 +360,10 @@ def evaluate_backend(
     with _EvalProgress(progress, len(samples)) as advance:
         for name, members in grouped.items():
             category_start = time.perf_counter()
-            collected = _run_category(backend, members, batch_size, sigma, advance)
+            if isinstance(backend, FrameBackend):
+                collected = _run_frame_category(backend, members, batch_size, advance)
+            else:
+                collected = _run_category(backend, members, batch_size, sigma, advance)
             inference += collected.inference_seconds
             maps, masks, resolution, resized = _common_size(collected.maps, collected.masks)
             if resized:
@@ -302,6 +385,7 @@ def evaluate_backend(
     mean, skipped = _mean(results)
     total = time.perf_counter() - started
     info = backend.info
+    frames = isinstance(backend, FrameBackend)
     return EvalReport(
         categories=results,
         mean=mean,
@@ -320,8 +404,34 @@ def evaluate_backend(
             "ms_per_image_inference": round(1000 * inference / len(samples), 3),
         },
         sigma=sigma,
-        notes=notes,
+        notes=notes + ([FRAME_MAP_NOTE] if frames else []),
+        method=method or _backend_method(backend),
+        map_info=FRAME_MAP_INFO if frames else None,
     )
+
+
+FRAME_MAP_NOTE = (
+    "maps: the method's own S x S anomaly map (blurred and box-weighted by the method), "
+    "bilinearly upsampled to each ground-truth mask (unchanged for S x S images); --sigma "
+    "is not applied"
+)
+FRAME_MAP_INFO: dict[str, Any] = {
+    "source": "the method's S x S anomaly map (FiLo: spec 7.2 blur and 8.6 box step)",
+    "resize": "bilinear, align_corners false, to the ground-truth size (none when equal)",
+    "sigma": None,
+    "resolution": "ground truth",
+}
+
+
+def _backend_method(backend: Backend | FrameBackend) -> str:
+    """The method a backend runs: its model's, else what its info records, else FB-CLIP."""
+    model_method = getattr(getattr(backend, "model", None), "method", None)
+    if isinstance(model_method, str):
+        return model_method
+    recorded = backend.info.details.get("method")
+    if isinstance(recorded, str):
+        return recorded
+    return "filo" if isinstance(backend, FrameBackend) else "fbclip"
 
 
 class _EvalProgress:
@@ -388,6 +498,75 @@ def open_backend(config: EvalConfig) -> Backend:
     )
 
 
+def open_frame_backend(config: EvalConfig) -> FrameBackend:
+    """FiLo: its model folder on the torch pipeline (with the folder's Grounding DINO), or
+    its artifacts through `runtime.open_frames` (torch, onnxruntime or auto)."""
+    if config.artifacts is not None:
+        from fbclip_edge.runtime import open_frames
+
+        return open_frames(
+            config.artifacts,
+            backend=config.backend,
+            provider=config.provider,
+            device=config.device,
+            precision=config.precision,
+        )
+    assert config.model is not None  # EvalConfig holds exactly one of model and artifacts
+    given = {
+        f"--backend {config.backend}": config.backend not in ("torch", "auto"),
+        f"--precision {config.precision}": config.precision not in (None, "fp32"),
+        "--provider": config.provider is not None,
+    }
+    wrong = [name for name, present in given.items() if present]
+    if wrong:
+        raise FBClipError(
+            f"{', '.join(wrong)}: a FiLo model folder runs on torch in fp32; export it with "
+            "`fbclip-edge export` and pass --artifacts DIR for onnxruntime"
+        )
+    from fbclip_edge.methods.filo import load_filo
+    from fbclip_edge.methods.filo.stages import torch_pipeline
+    from fbclip_edge.runtime.filo import FiLoBackend
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_filo(config.model, device=device)
+    pipeline = torch_pipeline(loaded.model, loaded.table, loaded.detector)
+    info = BackendInfo("torch", device, "fp32", loaded.model.config.image_size)
+    boxes = "Grounding DINO" if loaded.detector is not None else "none (no Grounding DINO)"
+    info.details.update(method="filo", model=str(config.model), boxes=boxes)
+    return FiLoBackend(pipeline, info)
+
+
+def _method_of(config: EvalConfig) -> str:
+    """The method the model folder or manifest names; unreadable ones count as FB-CLIP so
+    the usual loader reports what is wrong with them."""
+    if config.model is not None:
+        try:
+            meta = json.loads((config.model / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "fbclip"
+        return method_of_folder(meta) if isinstance(meta, dict) else "fbclip"
+    from fbclip_edge.artifacts.manifest import read_manifest
+
+    assert config.artifacts is not None
+    try:
+        return read_manifest(config.artifacts).method
+    except FBClipError:
+        return "fbclip"
+
+
+def _descriptions_fix(config: EvalConfig) -> str:
+    """Where a FiLo deployment's categories come from, and how to add one."""
+    from fbclip_edge.methods.filo.folder import DESCRIPTIONS_FILE
+
+    reimport = "re-import with `fbclip-edge import-official --method filo --descriptions FILE`"
+    if config.model is not None:
+        where = config.model / DESCRIPTIONS_FILE
+        return f"add them to a copy of {where} (FILE) and {reimport}"
+    assert config.artifacts is not None
+    where = config.artifacts / DESCRIPTIONS_FILE
+    return f"add them to a copy of {where} (FILE), {reimport} and re-export"
+
+
 def run_eval(config: EvalConfig) -> EvalReport:
     """Load the data and the backend, evaluate, and record where both came from."""
     samples = load_dataset(
@@ -398,8 +577,16 @@ def run_eval(config: EvalConfig) -> EvalReport:
         exclude=config.exclude,
         require_masks=True,
     )
-    backend = open_backend(config)
-    report = evaluate_backend(backend, samples, config.batch_size, config.sigma, config.progress)
+    method = _method_of(config)
+    backend: Backend | FrameBackend
+    if method == "filo":
+        backend = open_frame_backend(config)
+        check_frame_categories(backend, samples, _descriptions_fix(config))
+    else:
+        backend = open_backend(config)
+    report = evaluate_backend(
+        backend, samples, config.batch_size, config.sigma, config.progress, method
+    )
     report.dataset = {
         "root": str(config.data),
         "kind": config.dataset,
@@ -414,9 +601,13 @@ def run_eval(config: EvalConfig) -> EvalReport:
 
 def _model_source(folder: Path) -> dict[str, Any]:
     from fbclip_edge.checkpoint import read_config
+    from fbclip_edge.methods.filo import is_filo_folder
 
-    _, meta = read_config(folder)
-    return dict(meta.get("source", {}))
+    if is_filo_folder(folder):  # read_config refuses FiLo folders (not an AnomalyModel)
+        meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    else:
+        _, meta = read_config(folder)
+    return dict(meta.get("source") or {})
 
 
 # --------------------------------------------------------------------------- output
@@ -457,7 +648,7 @@ def report_table(report: EvalReport) -> Any:
         f"{_backend_line(report)}\nAU-PRO: official MVTec AD definition; AU-PRO-200: the "
         "200-threshold code-base variant (see the Markdown report)"
     )
-    table = Table(title="FB-CLIP zero-shot evaluation (%)", caption=caption)
+    table = Table(title=f"{report.title} zero-shot evaluation (%)", caption=caption)
     for index, name in enumerate(_header(TABLE_LABELS)):
         table.add_column(name, justify="left" if index == 0 else "right", no_wrap=index == 0)
     rows = _rows(report)
@@ -471,7 +662,7 @@ def report_markdown(report: EvalReport) -> str:
     """The same table as Markdown, with the backend, the metric notes and any caveats."""
     header = _header()
     lines = [
-        "# FB-CLIP zero-shot evaluation",
+        f"# {report.title} zero-shot evaluation",
         "",
         _backend_line(report),
         "",
