@@ -59,7 +59,8 @@ def demo(
     ] = False,
     image_size: Annotated[int, typer.Option(help="Input side in pixels (multiple of 14).")] = 518,
 ) -> None:
-    """Run FB-CLIP and AnomalyCLIP on the embedded tiny defaults: parity, then overlays."""
+    """Run FB-CLIP, AnomalyCLIP (and FiLo, with its fixture) on the embedded tiny defaults:
+    parity, then overlays."""
     from fbclip_edge.demo import run_demo
 
     for result in run_demo(out, use_fixture=not no_fixture, image_size=image_size):
@@ -72,10 +73,15 @@ def demo(
             console.print(
                 f"parity with the authors' reference outputs: {verdict} (max abs diff: {details})"
             )
-        table = Table("image", "image score", "decision", "defect px")
+        filo = result.method == "filo"
+        extra = ("category", "position", "anomaly boxes") if filo else ()
+        table = Table("image", "image score", "decision", "defect px", *extra)
         for row in result.predictions.rows:
             name = "/".join(Path(row.file).parts[-4:])
-            table.add_row(name, f"{row.score:.4f}", row.decision, str(row.defect_area))
+            cells = [name, f"{row.score:.4f}", row.decision, str(row.defect_area)]
+            if filo:
+                cells += [row.category, row.position or "-", str(row.anomaly_boxes)]
+            table.add_row(*cells)
         console.print(table)
         console.print(
             f"overlays (image | heat map | defect contour): {out}/{result.method}/predictions/"
@@ -734,17 +740,23 @@ def calibrate(
         str, typer.Option(help="auto, torch, onnxruntime, tensorrt or openvino.")
     ] = "auto",
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
+    category: Annotated[
+        str | None,
+        typer.Option(help="FiLo: the good images' category; its thresholds are kept apart."),
+    ] = None,
 ) -> None:
     """Set image and pixel thresholds from known-good images; store them in the manifest."""
     from fbclip_edge.line.calibrate import calibrate_folder, write_calibration
     from fbclip_edge.line.detector import Detector
 
-    detector = Detector.open(artifacts, backend=backend, device=device)
+    detector = Detector.open(artifacts, backend=backend, device=device, category=category)
     run = calibrate_folder(detector, good, target_fpr)
     for name, reason in run.failed.items():
         console.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}", highlight=False)
     c = run.calibration
-    write_calibration(artifacts, c)
+    write_calibration(artifacts, c, category=detector.category)
+    if detector.category is not None:
+        console.print(f"category {detector.category}:")
     console.print(
         f"image threshold {c.image_threshold:.6f} (the {c.rank}-th of {c.n_images} good scores), "
         f"pixel threshold {c.pixel_threshold:.6f}; expected false-alarm rate on new good frames "
@@ -770,12 +782,15 @@ def predict(
     ] = "auto",
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:0.")] = None,
     batch: Annotated[int, typer.Option(help="Images per backend call.")] = 8,
+    category: Annotated[
+        str | None, typer.Option(help="FiLo: the images' category (from the descriptions).")
+    ] = None,
 ) -> None:
     """Score images; write heat-map overlays and a results table (unreadable files are listed)."""
     from fbclip_edge.line.detector import Detector
     from fbclip_edge.line.predict import predict_files
 
-    detector = Detector.open(artifacts, backend=backend, device=device)
+    detector = Detector.open(artifacts, backend=backend, device=device, category=category)
     result = predict_files(detector, inputs, out, batch_size=batch)
     for name, reason in result.failed.items():
         console.print(f"[yellow]unreadable[/] {escape(name)}: {escape(reason)}", highlight=False)

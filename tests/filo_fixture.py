@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fbclip_edge.clip.config import BackboneConfig
-from fbclip_edge.demo import find_fixture
+from fbclip_edge.demo import filo_fixture_backbone, find_fixture
 from fbclip_edge.methods.filo import FiLo, import_official
 from fbclip_edge.methods.filo.descriptions import CategoryData, parse_descriptions
 
@@ -37,25 +37,7 @@ def load_golden(folder: Path) -> dict[str, Any]:
 
 def backbone(config: dict[str, Any]) -> BackboneConfig:
     """The tiny CLIP of the fixture: head counts are not visible in the weights."""
-    return BackboneConfig(
-        name="filo-tiny",
-        embed_dim=config["embed_dim"],
-        vision={
-            "image_size": config["pretrained_res"],
-            "layers": config["vision_layers"],
-            "width": config["vision_width"],
-            "patch_size": config["patch_size"],
-            "head_width": config["vision_width"] // config["vision_heads"],
-        },
-        text={
-            "context_length": config["context_length"],
-            "vocab_size": config["vocab_size"],
-            "width": config["text_width"],
-            "heads": config["text_heads"],
-            "layers": config["text_layers"],
-        },
-        quick_gelu=False,
-    )
+    return filo_fixture_backbone(config)
 
 
 def load_model(folder: Path, golden: dict[str, Any]) -> FiLo:

@@ -32,7 +32,14 @@ def test_demo_command_reports_parity_and_overlays(fixture_dir, tmp_path):
     for method in ("fbclip", "anomalyclip"):
         overlays = tmp_path / "demo" / method / "predictions" / "overlays"
         assert len(list(overlays.glob("*.png"))) == 6, method
-    assert result.output.count("match") >= 2
+    assert result.output.count("match") >= 3
+    filo = tmp_path / "demo" / "filo" / "predictions"
+    assert sorted(p.name for p in (filo / "overlays").glob("*.png")) == [
+        "00000_bottle.png",
+        "00000_pcb1.png",
+    ]
+    table = (filo / "results.csv").read_text()
+    assert "category,position,anomaly_boxes" in table and "pcb1,bottom right,5" in table
 
 
 def test_flops_command_prints_split():

@@ -336,3 +336,40 @@ def test_parity_failure_writes_nothing(model_folder, tmp_path):
     row = error.value.report.rows[0]
     assert row.score_max_abs < 1e-4 and row.map_max_abs < 1e-4
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_detector_open_with_category_gives_the_reference(exported, fixture, backend):
+    """Issue acceptance: Detector.open(artifacts, backend=..., category=...) on the fixture's
+    frames gives the reference's image scores and final maps within 1e-4."""
+    import numpy as np
+
+    from fbclip_edge.line.detector import Detector
+
+    result, _ = exported
+    _, golden = fixture
+    detector = Detector.open(result.artifacts, backend=backend, category="bottle")
+    assert detector.backend.info.name == backend
+    for i, category in enumerate(golden["categories"]):
+        frame = golden["images_uint8"][i].numpy()
+        found = detector.predict(frame, category=category)[0]
+        assert abs(found.image_score - float(golden["image_score"][i])) <= GOLDEN_TOLERANCE
+        error = np.abs(found.anomaly_map - golden["anomaly_map"][i].numpy()).max()
+        assert error <= GOLDEN_TOLERANCE, f"{backend} image {i}: map {error:.1e}"
+        assert [found.position] == golden["positions"][i]
+        assert found.category == category and found.boxes
+
+
+def test_fbclip_entry_points_refuse_filo_artifacts(exported):
+    from fbclip_edge.line.detector import Detector
+    from fbclip_edge.runtime import open as open_backend
+    from fbclip_edge.runtime import open_frames
+
+    result, _ = exported
+    with pytest.raises(FBClipError, match="FiLo artifacts, which take frames and a category"):
+        open_backend(result.artifacts)
+    with pytest.raises(FBClipError, match="FiLo artifacts run on torch or onnxruntime"):
+        Detector.open(result.artifacts, backend="tensorrt", category="bottle")
+    assert open_frames(result.artifacts, backend="onnxruntime").categories == ("bottle", "pcb1")
+    half = open_frames(result.artifacts, backend="onnxruntime", precision="fp16")
+    assert half.info.precision == "fp16"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fbclip_edge.artifacts.manifest import ArtifactError, Manifest, export_command, sha256_file
+from fbclip_edge.artifacts.options import GraphRole
 from fbclip_edge.checkpoint import WEIGHTS_FILE
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.methods.filo.boxes import BoxResult
@@ -118,11 +119,13 @@ def open_filo(
         pipeline = _torch_pipeline(folder, manifest, device, verify)
         name, where, runs = "torch", device or "cpu", "fp32"
     else:
-        from fbclip_edge.runtime.filo_onnx import open_onnx_pipeline
+        from fbclip_edge.runtime.filo_onnx import open_onnx_pipeline, select_graphs
 
         where = provider or "cpu"
         pipeline = open_onnx_pipeline(folder, manifest, where, precision, threads, verify)
-        name, runs = "onnxruntime", precision or "fp32"
+        # what runs: the vision graph's precision (fp16 on a GPU provider when exported)
+        runs = select_graphs(manifest, where, precision)[GraphRole.VISION].precision.value
+        name = "onnxruntime"
     info = BackendInfo(name, where, runs, manifest.image_size)
     info.details.update(method="filo", selected=why, artifacts=str(folder))
     return FiLoBackend(pipeline, info)
