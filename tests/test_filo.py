@@ -510,3 +510,19 @@ def test_dice_runs_over_rows():
     mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     # row 0: (2 + 1) / (1 + 1 + 1) = 1; row 1: 1 / 1 = 1 -> loss 0
     assert float(dice_loss(prob, mask)) == 0.0
+
+
+def test_starter_descriptions_cover_mvtec_and_visa():
+    """The shipped starter file loads, names the datasets' category folders, and its phrases
+    are lower case: Grounding DINO's phrases are lower-cased and the anomaly-box test is a
+    case-sensitive substring test (spec 8.4), so a capital letter could never match."""
+    from fbclip_edge.methods.filo.descriptions import STARTER_FILE
+
+    table = load_descriptions(STARTER_FILE)
+    mvtec = {"bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut"}
+    visa = {"candle", "capsules", "cashew", "chewinggum", "fryum", "pcb1", "pcb4", "pipe_fryum"}
+    assert mvtec | visa <= set(table)
+    assert table["metal_nut"].class_word == "metal nut" and table["pcb3"].class_word == "pcb"
+    for data in table.values():
+        assert 3 <= len(data.descriptions) <= 8
+        assert all(p == p.lower() and "," not in p for p in data.descriptions)

@@ -32,6 +32,9 @@ CLASS_WORDS: dict[str, str] = {
     "macaroni2": "macaroni",
 }
 _KEYS = ("class_word", "descriptions", "grounding_descriptions")
+#: A starter file for the MVTec AD and VisA categories, written for this project (not the
+#: authors' text): short, lower-case, visual phrases. Copy it and adapt it to your parts.
+STARTER_FILE = Path(__file__).with_name("starter_descriptions.json")
 _EXAMPLE = '{"class_word": "bottle", "descriptions": ["cracked large", "missing cap"]}'
 
 
