@@ -70,12 +70,28 @@ def model_dir(tmp_path_factory, fixture_model):
     return folder
 
 
+INT8_STEPS: list[tuple[str, int, int]] = []
+
+
 @pytest.fixture(scope="module")
 def int8(model_dir):
     needs("int8")
     return export_artifacts(
-        model_dir, model_dir.parent / "int8", precision="int8", targets="onnx", batch="1:2:4"
+        model_dir,
+        model_dir.parent / "int8",
+        precision="int8",
+        targets="onnx",
+        batch="1:2:4",
+        progress=lambda text, done, total: INT8_STEPS.append((text, done, total)),
     )
+
+
+def test_int8_calibration_reports_each_frame_within_its_step(int8):
+    """Calibration on ViT-L takes minutes: each frame is reported, as part of the int8 step."""
+    frames = [s for s in INT8_STEPS if s[0].startswith("int8 calibration: frame")]
+    (step,) = [s for s in INT8_STEPS if s[0].startswith("int8 vision.int8.onnx")]
+    assert frames and frames[-1][0].endswith(f"of {len(frames)}")
+    assert {(done, total) for _, done, total in frames} == {(step[1], step[2])}
 
 
 @pytest.fixture(scope="module")

@@ -324,3 +324,21 @@ def test_parity_images_from_a_folder(tmp_path):
         read_parity_images(tmp_path / "empty")
     with pytest.raises(FBClipError, match="does not exist"):
         read_parity_images(tmp_path / "missing")
+
+
+def test_vision_and_full_graphs_both_over_the_inline_limit(tmp_path, monkeypatch):
+    """A model whose vision graph is saved with external data still gets a full graph with
+    its own data file (the merge must not see the vision proto after its weights moved out)."""
+    from fbclip_edge.export import onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "_INLINE_LIMIT", 1000)
+    model = create_model("tiny", image_size=56, seed=0).eval()
+    vision, full = onnx_graph.export_graphs(model, tmp_path)
+    assert vision.data_files == ["vision.onnx.data"] and full.data_files == ["full.onnx.data"]
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(str(tmp_path / full.file), providers=["CPUExecutionProvider"])
+    score, patch = session.run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        want = model(pixels)
+    assert np.abs(score - want.image_score.numpy()).max() < 1e-5
+    assert np.abs(patch - want.patch_map.numpy()).max() < 1e-5

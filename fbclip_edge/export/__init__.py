@@ -105,6 +105,14 @@ class _Steps:
         if self.callback is not None:
             self.callback("done", self.total, self.total)
 
+    def detail(self) -> Progress | None:
+        """A callback for a long step's own progress (int8 calibration frames): the text
+        changes, the step count stays that of the running step."""
+        callback = self.callback
+        if callback is None:
+            return None
+        return lambda text, _done, _total: callback(text, self.done - 1, self.total)
+
 
 def _cpu_parity_targets(manifest: Manifest, role: GraphRole) -> list[tuple[str, dict]]:
     """The CPU precision's runs: int8 on onnxruntime and (when installed) OpenVINO, bf16 on
@@ -273,7 +281,7 @@ def export_artifacts(
             pixels = _calibration_pixels(
                 calibration_frames, parity_frames, parity_labels, config.image_size
             )
-            graphs.append(quantize_int8(build_from, staging, pixels))
+            graphs.append(quantize_int8(build_from, staging, pixels, step.detail()))
         engines = []
         if with_trt:
             rejected = unsupported_by_tensorrt(build_from.ops)

@@ -269,7 +269,6 @@ def export_graphs(model: AnomalyModel, folder: Path) -> tuple[GraphSpec, GraphSp
         vision_names[1:],
         folder / graph_file(GraphRole.VISION, Precision.FP32),
     )
-    vision_spec = _finish(vision, model, GraphRole.VISION, folder)
     maps = torch.randn(2, cfg.num_maps, cfg.grid_size**2 + 1, cfg.backbone.embed_dim)
     score = _trace(
         ScoreGraph(model).eval(),
@@ -279,7 +278,10 @@ def export_graphs(model: AnomalyModel, folder: Path) -> tuple[GraphSpec, GraphSp
         folder / "score.onnx",
     )
     score = onnx.compose.add_prefix(score, "score/", rename_inputs=False, rename_outputs=False)
+    # merged before the vision graph is saved: saving with external data moves its weights
+    # out of the proto, and a merge after that would point full.onnx at vision.onnx.data
     full = onnx.compose.merge_models(vision, score, io_map=[("maps", "maps")])
+    vision_spec = _finish(vision, model, GraphRole.VISION, folder)
     return vision_spec, _finish(full, model, GraphRole.FULL, folder)
 
 
