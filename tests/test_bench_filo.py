@@ -117,6 +117,7 @@ def test_reports_show_the_filo_stage_table(torch_run):
     assert "| method | backend | batch | grounding | vision | text | score | host |" in text
     assert f"| filo | {BASELINE} | 1 |" in text and f"| filo | {BASELINE} | 2 |" in text
     assert stage_rows(results) == []  # no preprocess/network columns for FiLo rows
+    assert "## Stages (p50 ms per batch)" not in text  # so no empty table either
     data = json.loads((out / "results.json").read_text())
     rows = data["measurements"]
     assert rows and all(set(r["stages_ms"]) == set(STAGES) for r in rows)
@@ -133,7 +134,7 @@ def test_other_methods_rows_carry_stages_ms_and_no_filo_table():
     row = results.measurement(BASELINE, 1, method="fbclip")
     assert row is not None and row.stages_ms is not None
     assert set(row.stages_ms) == {"preprocess", "network", "scoring", "map"}
-    assert "FiLo stages" not in markdown(results)
+    assert "FiLo stages" not in markdown(results) and "## Stages (p50" in markdown(results)
 
 
 def test_backends_filo_has_no_runtime_for_are_skipped_with_the_reason():

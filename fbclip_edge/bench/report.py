@@ -359,10 +359,7 @@ def markdown(results: BenchResults) -> str:
         "",
         *_md_table(SUMMARY_HEADER, summary_rows(results)),
         "",
-        "## Stages (p50 ms per batch)",
-        "",
-        *_md_table(STAGE_HEADER, stage_rows(results)),
-        "",
+        *_stage_lines(results),
         *_filo_lines(results),
         *targets.markdown_lines(results),
     ]
@@ -372,6 +369,14 @@ def markdown(results: BenchResults) -> str:
                   *_md_table(NOT_MEASURED_HEADER, [list(m) for m in missing]), ""]
     lines += ["## Notes", "", *(f"- {note}" for note in results.notes), ""]
     return "\n".join(lines)
+
+
+def _stage_lines(results: BenchResults) -> list[str]:
+    """The preprocess/network/scoring/map table, unless every row is FiLo's."""
+    rows = stage_rows(results)
+    if not rows:
+        return []
+    return ["## Stages (p50 ms per batch)", "", *_md_table(STAGE_HEADER, rows), ""]
 
 
 def _filo_lines(results: BenchResults) -> list[str]:
