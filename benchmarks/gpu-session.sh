@@ -9,7 +9,7 @@
 # There (device tool: carry [".whl", "shared"], command `bash benchmarks/gpu-session.sh STEP`):
 #   check    nvidia-smi, versions, the gpu/tensorrt-marked tests, AOT kernel build for the GPU,
 #            and the kernel microbenchmark                                   (a few minutes)
-#   bench    `fbclip-edge bench --method all` (FB-CLIP and AnomalyCLIP) for ViT-L-14-336 @ 518,
+#   bench    `fbclip-edge bench --method all` (FB-CLIP, AnomalyCLIP, FiLo: torch rows, stages) for ViT-L-14-336 @ 518,
 #            batch 1, 8, 32, every GPU backend,
 #            started detached (it can outlast one 10-minute call); then
 #   wait     polls up to 9 minutes and copies whatever is finished into $OUT (call again

@@ -526,3 +526,16 @@ def test_starter_descriptions_cover_mvtec_and_visa():
     for data in table.values():
         assert 3 <= len(data.descriptions) <= 8
         assert all(p == p.lower() and "," not in p for p in data.descriptions)
+
+
+def test_frozen_text_entry_points_refuse_filo_with_the_way_in():
+    """FiLo is not an AnomalyModel: commands built on frozen text say so and where to go."""
+    from fbclip_edge.factory import create_model
+    from fbclip_edge.methods import get_method
+
+    with pytest.raises(FBClipError, match="FiLo's text depends on each frame.*README's FiLo"):
+        get_method("filo")
+    with pytest.raises(FBClipError, match="FiLo's text depends on each frame"):
+        create_model("tiny", method="filo")
+    with pytest.raises(FBClipError, match="use one of: anomalyclip, fbclip, filo"):
+        get_method("nope")

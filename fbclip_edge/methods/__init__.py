@@ -16,12 +16,27 @@ from fbclip_edge.methods.fbclip.spec import SPEC as FBCLIP_SPEC
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (FBCLIP_SPEC, ANOMALYCLIP_SPEC)}
 
+#: Methods whose text depends on the frame (no frozen (2, D) text, so not an AnomalyModel):
+#: they come in through their staged deployment interface (methods/filo/pipeline.py) and
+#: have their own entry in each command (import-official, train, export, eval, bench).
+STAGED_METHODS: dict[str, str] = {
+    "filo": "FiLo's text depends on each frame; it runs as staged networks "
+    "(fbclip_edge.methods.filo), not as a frozen-text model"
+}
+
 
 def get_method(name: str) -> MethodSpec:
     """The registered method, or a one-line error listing the known ones."""
-    spec = METHODS.get(str(name).lower())
+    key = str(name).lower()
+    spec = METHODS.get(key)
+    if spec is None and key in STAGED_METHODS:
+        raise FBClipError(
+            f"{STAGED_METHODS[key]}; this command takes {', '.join(sorted(METHODS))} "
+            "(see the README's FiLo section for FiLo's commands)"
+        )
     if spec is None:
-        raise FBClipError(f"unknown method {name!r}; use one of: {', '.join(sorted(METHODS))}")
+        known = ", ".join(sorted([*METHODS, *STAGED_METHODS]))
+        raise FBClipError(f"unknown method {name!r}; use one of: {known}")
     return spec
 
 
@@ -35,6 +50,7 @@ def identify_checkpoint(checkpoint: Mapping[str, Any]) -> str | None:
 
 __all__ = [
     "METHODS",
+    "STAGED_METHODS",
     "AnomalyModel",
     "MethodSpec",
     "ModelOutput",
