@@ -86,6 +86,12 @@ class BenchBackend:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def device_for(name: str) -> torch.device:
+    """Where backend `name` runs: CUDA for the torch backends when there is a GPU, else the
+    CPU (exported backends pick their device when they open)."""
+    return torch.device("cuda" if torch.cuda.is_available() and name in TORCH_BACKENDS else "cpu")
+
+
 def onnxruntime_providers() -> list[str] | None:
     """onnxruntime's available execution providers; None when it does not import."""
     try:

@@ -26,23 +26,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fbclip_edge.bench.backends import BASELINE, export_plan
+from fbclip_edge.bench.backends import BASELINE, device_for, export_plan
 from fbclip_edge.bench.device import cpu_snapshot, other_cpu_share
-from fbclip_edge.bench.harness import (
-    BackendResult,
-    BenchConfig,
-    Measurement,
-    ModelInfo,
-    StageStats,
-    _device_for,
-    _MethodOutcome,
-    _one_line,
-    _out_of_time,
-    _release,
-    _Run,
+from fbclip_edge.bench.schema import BackendResult, Measurement, MethodOutcome, ModelInfo
+from fbclip_edge.bench.timing import (
     baseline_drift,
     host_rss_peak_bytes,
     make_frames,
+    one_line,
+    out_of_time,
+    release,
     reset_host_peak,
     stage_stats,
 )
@@ -51,6 +44,8 @@ from fbclip_edge.methods.filo.pipeline import STAGES as FILO_STAGES
 from fbclip_edge.methods.filo.pipeline import FiLoPipeline
 
 if TYPE_CHECKING:
+    from fbclip_edge.bench.harness import BenchRun
+    from fbclip_edge.bench.schema import BenchConfig, StageStats
     from fbclip_edge.methods.filo.folder import FiLoFolder
     from fbclip_edge.methods.filo.grounding import GroundingDetector, GroundingDinoArch
     from fbclip_edge.runtime.filo import FiLoBackend
@@ -348,7 +343,7 @@ def build_filo_backend(
     from fbclip_edge.runtime.open import open_frames
 
     runtime, provider = FILO_BACKENDS[name]
-    device = _device_for(name) if runtime == "torch" else torch.device("cpu")
+    device = device_for(name) if runtime == "torch" else torch.device("cpu")
     start = time.perf_counter()
     if runtime == "torch" and subject.folder is not None:
         from fbclip_edge.methods.filo.stages import torch_pipeline
@@ -415,7 +410,7 @@ def _iteration(
     return {stage: seconds * 1e3 for stage, seconds in times.seconds.items()}, wall
 
 
-def measure_filo(built: FiLoBuilt, batch: int, config: BenchConfig, run: _Run) -> Measurement:
+def measure_filo(built: FiLoBuilt, batch: int, config: BenchConfig, run: BenchRun) -> Measurement:
     """Warm up, then time up to config.iters iterations of `built` at one batch size."""
     inputs = frame_sets(config, batch, built.backend.categories)
     cuda = built.device.type == "cuda" and torch.cuda.is_available()
@@ -435,7 +430,7 @@ def measure_filo(built: FiLoBuilt, batch: int, config: BenchConfig, run: _Run) -
             samples.pipeline.append(wall)
             for stage, value in stages.items():
                 samples.stages[stage].append(value)
-            if _out_of_time(config, index + 1, time.perf_counter() - window_start):
+            if out_of_time(config, index + 1, time.perf_counter() - window_start):
                 break
         window_end, cpu_end = time.perf_counter(), cpu_snapshot()
     networks = [sum(v) for v in zip(*(samples.stages[s] for s in NETWORK_STAGES), strict=True)]
@@ -589,10 +584,10 @@ def split_backends(
 
 @dataclass
 class _FiLoRun:
-    """One FiLo method run inside a bench run (the harness's `_Run` gives config, clock
+    """One FiLo method run inside a bench run (the harness's `BenchRun` gives config, clock
     helpers and the log)."""
 
-    run: _Run
+    run: BenchRun
     config: BenchConfig
     subject: FiLoSubject
     names: list[str]
@@ -607,7 +602,7 @@ class _FiLoRun:
             say(f"{label}: preparing")
             built = build_filo_backend(name, self.subject, config, self.names)
         except Exception as error:  # one broken backend must not end the run
-            result.status, result.reason = "failed", _one_line(error)
+            result.status, result.reason = "failed", one_line(error)
             say(f"{label}: failed ({result.reason})")
             return result, []
         result.device, result.precision = str(built.device), built.precision
@@ -619,8 +614,8 @@ class _FiLoRun:
             try:
                 row = measure_filo(built, batch, config, self.run)
             except Exception as error:  # e.g. out of memory at the largest batch
-                result.batch_failures[str(batch)] = _one_line(error)
-                say(f"{label}: batch {batch} failed ({_one_line(error)})")
+                result.batch_failures[str(batch)] = one_line(error)
+                say(f"{label}: batch {batch} failed ({one_line(error)})")
                 continue
             row.achieved_tflops = self.flops * batch / (row.model_p50_ms / 1e3) / 1e12
             if ceiling is not None:
@@ -632,7 +627,7 @@ class _FiLoRun:
         return result, rows
 
 
-def filo_outcome(run: _Run, chosen: list[str], skipped: Mapping[str, str]) -> _MethodOutcome:
+def filo_outcome(run: BenchRun, chosen: list[str], skipped: Mapping[str, str]) -> MethodOutcome:
     """Every FiLo backend of the run, eager baseline first and again at the end for drift;
     the model, its detector and any export live in a temporary folder gone on return."""
     names, reasons = split_backends(chosen, skipped)
@@ -649,15 +644,15 @@ def filo_outcome(run: _Run, chosen: list[str], skipped: Mapping[str, str]) -> _M
             result, measured = timing.backend(name)
             results.append(result)
             rows.extend(measured)
-            _release()
+            release()
         drift = None
         if config.recheck_baseline and len(names) > 1 and BASELINE in names:
             run.say(f"{METHOD} {BASELINE}: timing again, for the machine's drift")
             _, again = timing.backend(BASELINE)
             drift = baseline_drift(rows, again)
-            _release()
+            release()
     notes = filo_notes(info) + ([frames_note] if frames_note else [])
-    return _MethodOutcome(info, results, rows, drift, export_note(subject), notes)
+    return MethodOutcome(info, results, rows, drift, export_note(subject), notes)
 
 
 def export_note(subject: FiLoSubject) -> str | None:

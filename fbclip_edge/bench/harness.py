@@ -1,234 +1,100 @@
 """The `fbclip-edge bench` runner: every backend timed the same way, stage by stage, in one run
 so that speedups are quoted against an eager float32 baseline measured alongside them.
+
+This module picks, builds and orders backends; the types live in schema.py and the timing
+loop in timing.py, so bench/filo.py (imported from here, one way) shares them without a cycle.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import gc
 import json
-import re
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from fbclip_edge.bench.backends import (
     ALL_BACKENDS,
     BASELINE,
     EXPORTED_BACKENDS,
-    TORCH_BACKENDS,
-    BenchBackend,
     build_exported_backend,
     build_torch_backend,
     default_backends,
+    device_for,
     export_for_bench,
     export_plan,
     skip_reason,
 )
 from fbclip_edge.bench.device import (
-    DeviceInfo,
-    MatmulCeiling,
     PowerSampler,
-    cpu_snapshot,
     describe_device,
     load_average,
     measure_matmul_ceiling,
-    other_cpu_share,
+)
+from fbclip_edge.bench.schema import (
+    DEFAULT_METHODS,
+    SCHEMA_VERSION,
+    STAGES,
+    BackendResult,
+    BenchConfig,
+    BenchResults,
+    Measurement,
+    MethodOutcome,
+    ModelInfo,
+    StageStats,
+)
+from fbclip_edge.bench.timing import (
+    baseline_drift,
+    measure,
+    one_line,
+    release,
+    stage_stats,
 )
 from fbclip_edge.errors import FBClipError
-from fbclip_edge.kernels import anomaly_map
 from fbclip_edge.methods import METHODS, get_method
-from fbclip_edge.preprocess import preprocess, preprocess_tensor
 
-SCHEMA_VERSION = 2
-DEFAULT_METHODS = ("fbclip",)
+if TYPE_CHECKING:
+    from fbclip_edge.bench.backends import BenchBackend
+    from fbclip_edge.bench.device import MatmulCeiling
+
+__all__ = [  # the runner's API, and the types and helpers it re-exports from schema / timing
+    "DEFAULT_METHODS",
+    "FILO",
+    "SCHEMA_VERSION",
+    "STAGES",
+    "BackendResult",
+    "BenchConfig",
+    "BenchResults",
+    "BenchRun",
+    "Measurement",
+    "ModelInfo",
+    "StageStats",
+    "add_speedups",
+    "baseline_drift",
+    "bench_methods",
+    "default_command",
+    "drift_notes",
+    "folder_methods",
+    "method_name",
+    "parse_backends",
+    "parse_batches",
+    "parse_methods",
+    "resolve_methods",
+    "run_bench",
+    "stage_stats",
+]
+
 #: FiLo is timed by bench/filo.py: not a registered AnomalyModel (its text is per frame).
 FILO = "filo"
-STAGES = ("preprocess", "network", "scoring", "map")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class BenchConfig:
-    """What to measure. The defaults finish in well under two minutes on a 2-core laptop CPU.
-
-    model / artifacts: a model folder and/or an exported artifacts folder; with neither, a
-    random-weight `backbone` model (timings do not depend on the weights' values).
-    methods: registry names (fbclip_edge.methods) timed one after another in the same run,
-    each on its own model of the same backbone, size and seed; with a folder, exactly the
-    method it holds.
-    image_size: network input side (default: the model folder's, else 224).
-    backends: names from ALL_BACKENDS; None runs every backend available here.
-    iters: timed iterations per backend and batch, split into `repeats` contiguous groups
-    whose throughputs give the min/median/max spread. max_seconds: stop timing a backend
-    and batch after this long (at least 3 iterations still run); None times all `iters`.
-    input_sets: distinct frame batches cycled through so no cache sees the same input twice
-    in a row. frame_size: (height, width) of the synthetic uint8 camera frames.
-    preprocess: 'cpu' (PIL bicubic, the reference), 'gpu' (torch bicubic with antialias on
-    the backend's CUDA device) or 'auto' (gpu for CUDA backends, cpu otherwise).
-    recheck_baseline: time the eager baseline again after every other backend; the change
-    (`baseline_drift`) is how far the machine itself moved while the others were timed.
-    """
-
-    model: Path | None = None
-    artifacts: Path | None = None
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    backbone: str = "tiny"
-    image_size: int | None = None
-    backends: tuple[str, ...] | None = None
-    batches: tuple[int, ...] = (1, 8)
-    warmup: int = 2
-    iters: int = 10
-    repeats: int = 5
-    max_seconds: float | None = 8.0
-    input_sets: int = 3
-    frame_size: tuple[int, int] = (480, 640)
-    preprocess: str = "auto"
-    sigma: float = 4.0
-    seed: int = 0
-    measure_ceiling: bool = True
-    recheck_baseline: bool = True
-    command: str | None = None
-
-
-@dataclass
-class StageStats:
-    """Latency percentiles over iterations and throughput spread over repeats of one stage."""
-
-    iterations: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    min_ms: float
-    max_ms: float
-    throughput: float
-    throughput_min: float
-    throughput_max: float
-    samples_ms: list[float]
-
-
-@dataclass
-class Measurement:
-    """One method's model on one backend at one batch size.
-
-    pipeline: uint8 frames on the host -> image scores and full-size anomaly maps on the host.
-    stages: preprocess, network, scoring (None when the backend scores inside its graph), map.
-    model_*: network + scoring, the part FLOPs are counted for.
-    speedup / model_speedup: throughput over the same method's torch-eager-fp32 at the same
-    batch, same run (never across methods: they do different amounts of work).
-    other_cpu_share: share of the machine's CPU other processes took while this was timed.
-    stages_ms: mean ms per image of each stage (means add up to at most the pipeline's);
-    FiLo rows' stages are grounding, vision, text, score and host (bench/filo.py).
-    """
-
-    backend: str
-    batch: int
-    pipeline: StageStats
-    stages: dict[str, StageStats | None]
-    model_p50_ms: float
-    model_throughput: float
-    speedup: float | None
-    model_speedup: float | None
-    achieved_tflops: float
-    ceiling_tflops: float | None
-    ceiling_percent: float | None
-    gpu_peak_allocated_bytes: int | None
-    gpu_used_bytes: int | None
-    host_rss_peak_bytes: int | None
-    host_rss_peak_scope: str
-    warmup_seconds: float
-    other_cpu_share: float | None = None
-    power_mw: dict[str, float] | None = None
-    method: str = "fbclip"
-    stages_ms: dict[str, float] | None = None
-
-
-@dataclass
-class BackendResult:
-    """A backend's fate for one method in this run: ok, skipped (with the reason) or failed
-    (with the error)."""
-
-    name: str
-    status: str
-    reason: str | None = None
-    device: str | None = None
-    precision: str | None = None
-    kernel_impl: str | None = None
-    setup_seconds: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    batch_failures: dict[str, str] = field(default_factory=dict)
-    method: str = "fbclip"
-
-
-@dataclass
-class ModelInfo:
-    """One method's network as measured; FLOPs per image are the method's analytic count
-    (MethodSpec.flops), so TFLOP/s compare fairly across methods."""
-
-    method: str
-    title: str
-    source: str
-    backbone: str
-    image_size: int
-    feature_layers: list[int]
-    num_maps: int
-    flops_backbone: int
-    flops_heads: int
-    flops_total: int
-    stage_flops: dict[str, int] | None = None  # FiLo: per network, counted on one frame
-
-
-@dataclass
-class BenchResults:
-    """A whole run; `results.json` is asdict() of this (schema in benchmarks/README.md)."""
-
-    schema_version: int
-    command: str
-    started_at: str
-    duration_seconds: float
-    config: dict[str, Any]
-    models: list[ModelInfo]
-    device: DeviceInfo
-    ceilings: list[MatmulCeiling]
-    backends: list[BackendResult]
-    measurements: list[Measurement]
-    notes: list[str]
-    load_average_at_end: tuple[float, float, float] | None = None
-    baseline_drift: dict[str, dict[str, float]] | None = None
-
-    @property
-    def methods(self) -> list[str]:
-        """The methods of this run, in the order they were timed."""
-        return [info.method for info in self.models]
-
-    def model_info(self, method: str) -> ModelInfo | None:
-        """The measured network of `method`, if the run timed it."""
-        return next((info for info in self.models if info.method == method), None)
-
-    def measurement(
-        self, backend: str, batch: int, method: str | None = None
-    ) -> Measurement | None:
-        """The row for method's backend at batch (method None: the run's first method)."""
-        wanted = method or (self.models[0].method if self.models else None)
-        for row in self.measurements:
-            if row.method == wanted and row.backend == backend and row.batch == batch:
-                return row
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -284,35 +150,6 @@ def parse_backends(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-# ---------------------------------------------------------------- statistics
-
-
-def stage_stats(samples_ms: Sequence[float], batch: int, repeats: int) -> StageStats:
-    """Percentiles over iterations; throughput (images/s) per contiguous repeat group.
-
-    Reported throughput is the median group's; min/max show how stable the machine was.
-    """
-    values = np.asarray(samples_ms, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("no samples")
-    groups = [g for g in np.array_split(values, max(1, min(repeats, values.size))) if g.size]
-    rates = sorted(batch * g.size * 1e3 / g.sum() if g.sum() > 0 else float("inf") for g in groups)
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return StageStats(
-        iterations=int(values.size),
-        p50_ms=float(p50),
-        p90_ms=float(p90),
-        p99_ms=float(p99),
-        mean_ms=float(values.mean()),
-        min_ms=float(values.min()),
-        max_ms=float(values.max()),
-        throughput=float(np.median(rates)),
-        throughput_min=float(rates[0]),
-        throughput_max=float(rates[-1]),
-        samples_ms=[round(float(v), 4) for v in values],
-    )
-
-
 def add_speedups(measurements: list[Measurement]) -> None:
     """Fill speedup columns from the same method's torch-eager-fp32 row at the same batch
     (None without it)."""
@@ -324,224 +161,6 @@ def add_speedups(measurements: list[Measurement]) -> None:
             continue
         row.speedup = row.pipeline.throughput / base.pipeline.throughput
         row.model_speedup = row.model_throughput / base.model_throughput
-
-
-# ---------------------------------------------------------------- memory
-
-
-def _status_kib(key: str) -> int | None:
-    with contextlib.suppress(OSError):
-        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        return int(match.group(1)) if match else None
-    return None
-
-
-def reset_host_peak() -> bool:
-    """Reset the process's peak RSS (Linux clear_refs '5'); False where that is impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def host_rss_peak_bytes() -> int | None:
-    """VmHWM from /proc, else ru_maxrss (kilobytes on Linux, bytes on macOS)."""
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    with contextlib.suppress(ImportError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-    return None
-
-
-# ---------------------------------------------------------------- inputs and stages
-
-
-def make_frames(config: BenchConfig, batch: int) -> list[np.ndarray]:
-    """`input_sets` distinct (B, H, W, 3) uint8 frame batches: camera-sized, never repeated
-    back to back, so caches (CPU or GPU) cannot flatter any stage."""
-    rng = np.random.default_rng(config.seed + batch)
-    height, width = config.frame_size
-    return [
-        rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
-        for _ in range(max(1, config.input_sets))
-    ]
-
-
-def _preprocessor(
-    kind: str, image_size: int, device: torch.device
-) -> tuple[str, Callable[[Any], torch.Tensor], Callable[[np.ndarray], Any]]:
-    """(resolved kind, stage function, how to hold frames on the host for it)."""
-    use_gpu = kind == "gpu" or (kind == "auto" and device.type == "cuda")
-    if use_gpu:
-        if device.type != "cuda":
-            raise FBClipError("--preprocess gpu needs a CUDA backend; use cpu or auto")
-
-        def hold(frames: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(frames).pin_memory()
-
-        return (
-            "gpu",
-            lambda frames: preprocess_tensor(frames.to(device, non_blocking=True), image_size),
-            hold,
-        )
-    return "cpu", lambda frames: preprocess(frames, image_size), lambda frames: frames
-
-
-class StageClock:
-    """Stage boundaries: CUDA events on GPU (device time, no extra syncs), perf_counter on CPU.
-
-    An event recorded on an idle stream completes at once, so host-side stages still read true.
-    """
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.start_time = 0.0
-        self.marks: list[Any] = []
-
-    def start(self) -> None:
-        """Begin an iteration."""
-        self.marks = []
-        self.start_time = time.perf_counter()
-        self.mark()
-
-    def mark(self) -> None:
-        """End the current stage."""
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def finish(self) -> tuple[list[float], float]:
-        """(stage durations in ms, wall-clock ms of the whole iteration)."""
-        pairs = list(zip(self.marks, self.marks[1:], strict=False))
-        if self.cuda:
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - self.start_time) * 1e3
-            return [start.elapsed_time(end) for start, end in pairs], wall
-        wall = (time.perf_counter() - self.start_time) * 1e3
-        return [(end - start) * 1e3 for start, end in pairs], wall
-
-
-@dataclass
-class _Samples:
-    pipeline: list[float] = field(default_factory=list)
-    stages: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
-
-
-def _iteration(
-    backend: BenchBackend,
-    pre: Callable[[Any], torch.Tensor],
-    frames: Any,
-    config: BenchConfig,
-    clock: StageClock,
-) -> tuple[dict[str, float], float]:
-    """One uint8-frames -> host scores and maps pass, timed per stage."""
-    clock.start()
-    pixels = pre(frames)
-    clock.mark()
-    out = backend.network(pixels)
-    clock.mark()
-    if backend.scoring is not None:
-        out = backend.scoring(out)
-        clock.mark()
-    image_score, patch_map = out
-    maps = anomaly_map(patch_map, config.frame_size, config.sigma, impl=backend.kernel_impl)
-    maps.cpu()
-    image_score.cpu()
-    clock.mark()
-    durations, wall = clock.finish()
-    names = [s for s in STAGES if s != "scoring" or backend.scoring is not None]
-    return dict(zip(names, durations, strict=True)), wall
-
-
-MIN_ITERATIONS = 3
-
-
-def _out_of_time(config: BenchConfig, done: int, elapsed: float) -> bool:
-    """Stop early once max_seconds is spent, but never below MIN_ITERATIONS (or iters):
-    slow backends get fewer samples instead of blowing the run's budget."""
-    if config.max_seconds is None or done < min(config.iters, MIN_ITERATIONS):
-        return False
-    return elapsed > config.max_seconds
-
-
-def measure(
-    backend: BenchBackend,
-    batch: int,
-    config: BenchConfig,
-    image_size: int,
-    power: PowerSampler,
-    method: str,
-) -> tuple[Measurement, str]:
-    """Warm up, then time `config.iters` iterations of one backend at one batch size."""
-    kind, pre, hold = _preprocessor(config.preprocess, image_size, backend.device)
-    inputs = [hold(frames) for frames in make_frames(config, batch)]
-    cuda = backend.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss_scope = "backend+batch" if reset_host_peak() else "process"
-    clock = StageClock(cuda)
-    samples = _Samples()
-    with torch.inference_mode():
-        warm_start = time.perf_counter()
-        for index in range(config.warmup):
-            _iteration(backend, pre, inputs[index % len(inputs)], config, clock)
-        warmup_seconds = time.perf_counter() - warm_start
-        window_start = time.perf_counter()
-        cpu_start = cpu_snapshot()
-        for index in range(config.iters):
-            stages, wall = _iteration(backend, pre, inputs[index % len(inputs)], config, clock)
-            samples.pipeline.append(wall)
-            for name, value in stages.items():
-                samples.stages[name].append(value)
-            if _out_of_time(config, index + 1, time.perf_counter() - window_start):
-                break
-        window_end = time.perf_counter()
-        cpu_end = cpu_snapshot()
-    stats = {
-        name: stage_stats(values, batch, config.repeats) if values else None
-        for name, values in samples.stages.items()
-    }
-    network = samples.stages["network"]
-    scoring = samples.stages["scoring"] or [0.0] * len(network)
-    model_samples = [n + s for n, s in zip(network, scoring, strict=True)]
-    model = stage_stats(model_samples, batch, config.repeats)
-    gpu_peak = gpu_used = None
-    if cuda:
-        gpu_peak = int(torch.cuda.max_memory_allocated())
-        free, total = torch.cuda.mem_get_info()
-        gpu_used = int(total - free)
-    row = Measurement(
-        backend=backend.name,
-        batch=batch,
-        pipeline=stage_stats(samples.pipeline, batch, config.repeats),
-        stages=stats,
-        model_p50_ms=model.p50_ms,
-        model_throughput=model.throughput,
-        speedup=None,
-        model_speedup=None,
-        achieved_tflops=0.0,
-        ceiling_tflops=None,
-        ceiling_percent=None,
-        gpu_peak_allocated_bytes=gpu_peak,
-        gpu_used_bytes=gpu_used,
-        host_rss_peak_bytes=host_rss_peak_bytes(),
-        host_rss_peak_scope=rss_scope,
-        warmup_seconds=warmup_seconds,
-        other_cpu_share=other_cpu_share(cpu_start, cpu_end),
-        power_mw=power.mean_mw(window_start, window_end),
-        method=method,
-        stages_ms={name: float(np.mean(v)) / batch for name, v in samples.stages.items() if v},
-    )
-    return row, kind
 
 
 # ---------------------------------------------------------------- the run
@@ -658,10 +277,6 @@ def _select_backends(config: BenchConfig) -> tuple[list[str], dict[str, str], li
     return chosen, skipped, notes
 
 
-def _device_for(name: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and name in TORCH_BACKENDS else "cpu")
-
-
 class _Artifacts:
     """The artifacts folder one method's exported backends open: the user's, or one export
     of that method's model per run."""
@@ -720,7 +335,7 @@ def _parity_note(artifacts: Path | None) -> str:
 def _build(name: str, model: Any, artifacts: _Artifacts) -> BenchBackend:
     if name in EXPORTED_BACKENDS:
         return build_exported_backend(name, artifacts.folder())
-    return build_torch_backend(name, model, _device_for(name))
+    return build_torch_backend(name, model, device_for(name))
 
 
 def default_command() -> str:
@@ -739,19 +354,7 @@ class _Target:
 
 
 @dataclass
-class _MethodOutcome:
-    """What timing one method produced, merged into the run's results."""
-
-    info: ModelInfo
-    backends: list[BackendResult]
-    measurements: list[Measurement]
-    drift: dict[str, float] | None
-    export_note: str | None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Run:
+class BenchRun:
     """State shared by every method and backend of one run: ceilings, power samples."""
 
     config: BenchConfig
@@ -771,7 +374,7 @@ class _Run:
             self.ceilings[key] = measure_matmul_ceiling(device, dtype)
         return self.ceilings[key]
 
-    def method(self, method: str, chosen: list[str], skipped: dict[str, str]) -> _MethodOutcome:
+    def method(self, method: str, chosen: list[str], skipped: dict[str, str]) -> MethodOutcome:
         """Every chosen backend on `method`'s model, baseline first, then the baseline again
         for this method's drift; the model and its export are gone when this returns."""
         if method == FILO:
@@ -791,14 +394,14 @@ class _Run:
                 result, measured = self.backend(name, target)
                 results.append(result)
                 rows.extend(measured)
-                _release()
+                release()
             if self.config.recheck_baseline and len(chosen) > 1 and BASELINE in chosen:
                 self.say(f"{method} {BASELINE}: timing again, for the machine's drift")
                 _, again = self.backend(BASELINE, target)
                 drift = baseline_drift(rows, again)
-                _release()
+                release()
             export_note = artifacts.note()
-        return _MethodOutcome(info, results, rows, drift, export_note)
+        return MethodOutcome(info, results, rows, drift, export_note)
 
     def backend(self, name: str, target: _Target) -> tuple[BackendResult, list[Measurement]]:
         """Build and measure one backend at every batch size; failures become reasons."""
@@ -808,7 +411,7 @@ class _Run:
             self.say(f"{label}: preparing")
             backend = _build(name, target.model, target.artifacts)
         except Exception as error:  # one broken backend must not end the run
-            result.status, result.reason = "failed", _one_line(error)
+            result.status, result.reason = "failed", one_line(error)
             self.say(f"{label}: failed ({result.reason})")
             return result, []
         result.device, result.precision = str(backend.device), backend.precision
@@ -825,8 +428,8 @@ class _Run:
                     backend, batch, self.config, image_size, self.power, target.method
                 )
             except Exception as error:  # e.g. out of memory at the largest batch
-                result.batch_failures[str(batch)] = _one_line(error)
-                self.say(f"{label}: batch {batch} failed ({_one_line(error)})")
+                result.batch_failures[str(batch)] = one_line(error)
+                self.say(f"{label}: batch {batch} failed ({one_line(error)})")
                 continue
             self.preprocess_kinds.add(kind)
             row.achieved_tflops = target.flops * batch / (row.model_p50_ms / 1e3) / 1e12
@@ -896,13 +499,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     device_info = describe_device()
     chosen, skipped, notes = _select_backends(config)
-    outcomes: list[_MethodOutcome] = []
+    outcomes: list[MethodOutcome] = []
     power = PowerSampler().start()
-    run = _Run(config, power, log or (lambda _message: None))
+    run = BenchRun(config, power, log or (lambda _message: None))
     try:
         for method in methods:
             outcomes.append(run.method(method, chosen, skipped))
-            _release()
+            release()
     finally:
         power.stop()
     measurements = [row for outcome in outcomes for row in outcome.measurements]
@@ -937,29 +540,6 @@ def _ordered(results: list[BackendResult], methods: tuple[str, ...]) -> list[Bac
     order = {name: index for index, name in enumerate(ALL_BACKENDS)}
     rank = {method: index for index, method in enumerate(methods)}
     return sorted(results, key=lambda r: (rank.get(r.method, 0), order.get(r.name, len(order))))
-
-
-def _release() -> None:
-    """Free the backend that just went out of scope before the next one is built."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def baseline_drift(first: list[Measurement], again: list[Measurement]) -> dict[str, float]:
-    """Per batch: the re-timed baseline's pipeline throughput over the first one's, minus 1.
-
-    Both passes bracket every other backend of the method in time, so this is how much the
-    machine alone moved (clocks, neighbours on a shared host) while the others were measured.
-    """
-    before = {(m.method, m.batch): m for m in first if m.backend == BASELINE}
-    drift = {}
-    for row in again:
-        base = before.get((row.method, row.batch))
-        if base is not None:
-            ratio = row.pipeline.throughput / base.pipeline.throughput
-            drift[str(row.batch)] = round(ratio - 1.0, 4)
-    return drift
 
 
 def drift_notes(
@@ -1030,8 +610,3 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
     for key in ("model", "artifacts"):
         data[key] = None if data[key] is None else str(data[key])
     return data
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".strip().rstrip(":")

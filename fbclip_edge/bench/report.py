@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fbclip_edge.bench import targets
-from fbclip_edge.bench.harness import BenchResults, Measurement, ModelInfo
+from fbclip_edge.bench.schema import BenchResults, Measurement, ModelInfo
 from fbclip_edge.fileio import write_atomic, write_text_atomic
 
 JSON_NAME = "results.json"

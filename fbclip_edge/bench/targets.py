@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fbclip_edge.bench.harness import BenchResults, Measurement
+from fbclip_edge.bench.schema import BenchResults, Measurement
 
 TARGET_METHOD = "fbclip"
 TARGET_MODEL = ("ViT-L-14-336", 518)
