@@ -30,11 +30,11 @@ from fbclip_edge.demo import find_fixture  # noqa: E402
 from fbclip_edge.errors import FBClipError  # noqa: E402
 from fbclip_edge.export.grounding_onnx import (  # noqa: E402
     GroundingGraphSpec,
-    GroundingOnnx,
     export_grounding_onnx,
     sub_sentence_masks,
 )
 from fbclip_edge.methods.filo.grounding import GroundingDetector, GroundingDinoArch  # noqa: E402
+from fbclip_edge.runtime.grounding_onnx import GroundingOnnx  # noqa: E402
 
 Outputs = tuple[torch.Tensor, torch.Tensor]  # (Q, L) logits, (Q, 4) boxes
 ENV = "FILO_FIXTURE"
@@ -85,7 +85,7 @@ def spec(detector: GroundingDetector, folder: Path) -> GroundingGraphSpec:
 
 @pytest.fixture(scope="module")
 def runner(spec: GroundingGraphSpec, folder: Path) -> GroundingOnnx:
-    return GroundingOnnx(folder / spec.file)
+    return GroundingOnnx.open(folder / spec.file)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_fixed_text_length_export(
     assert not spec.dynamic_text and spec.text_len == length
     assert [t.shape for t in spec.inputs[1:]] == [[1, length]] * 3
     assert spec.outputs[0].shape == [1, 900, length]
-    runner = GroundingOnnx(tmp_path / spec.file)
+    runner = GroundingOnnx.open(tmp_path / spec.file)
     pixels, ids = golden["gd_pixel_values"], golden["gd_input_ids"]
     assert len(_swapped_slots(runner(pixels[1:], ids[1][None]), torch_raw[1])) <= 2
     with pytest.raises(FBClipError, match="exported for 45 caption tokens, got 39") as e:
@@ -235,7 +235,10 @@ def test_fixed_text_length_export(
 def test_runner_refusals_are_one_line(runner: GroundingOnnx, golden: dict, tmp_path: Path) -> None:
     pixels, ids = golden["gd_pixel_values"][:1], golden["gd_input_ids"][0][None]
     cases = [
-        ((torch.zeros(1, 3, 512, 512), ids), r"\(1, 3, 518, 518\) float32, got \(1, 3, 512, 512\)"),
+        (
+            (torch.zeros(1, 3, 512, 512), ids),
+            r"\(1, 3, 518, 518\) float32, got \(1, 3, 512, 512\) .*--frame-size WxH",
+        ),
         ((pixels.double(), ids), "float32, got .* torch.float64"),
         ((golden["gd_pixel_values"], ids), r"got \(2, 3, 518, 518\)"),
         ((pixels, ids.float()), r"input_ids \(1, L\) int64"),
@@ -247,11 +250,11 @@ def test_runner_refusals_are_one_line(runner: GroundingOnnx, golden: dict, tmp_p
             runner(*arguments)
         _one_line(e)
     with pytest.raises(FBClipError, match="not found") as e:
-        GroundingOnnx(tmp_path / "absent.onnx")
+        GroundingOnnx.open(tmp_path / "absent.onnx")
     _one_line(e)
     (tmp_path / "corrupt.onnx").write_bytes(b"not a graph")
     with pytest.raises(FBClipError, match="onnxruntime cannot load corrupt.onnx") as e:
-        GroundingOnnx(tmp_path / "corrupt.onnx")
+        GroundingOnnx.open(tmp_path / "corrupt.onnx")
     _one_line(e)
     values = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy"]
     graph = onnx.helper.make_graph(
@@ -260,7 +263,7 @@ def test_runner_refusals_are_one_line(runner: GroundingOnnx, golden: dict, tmp_p
     opset = [onnx.helper.make_opsetid("", 17)]
     onnx.save_model(onnx.helper.make_model(graph, opset_imports=opset), tmp_path / "foreign.onnx")
     with pytest.raises(FBClipError, match="not written by export_grounding_onnx") as e:
-        GroundingOnnx(tmp_path / "foreign.onnx")
+        GroundingOnnx.open(tmp_path / "foreign.onnx")
     _one_line(e)
 
 

@@ -1,4 +1,5 @@
-"""FiLo's Grounding DINO (transformers' port) as one ONNX graph, and its onnxruntime runner.
+"""FiLo's Grounding DINO (transformers' port) as one ONNX graph (run by
+`runtime.grounding_onnx.GroundingOnnx`).
 
 One image and one caption per call (spec 8.1): pixels (1, 3, H, W) + caption tokens (1, L) ->
 logits (1, Q, L) and boxes (1, Q, 4); the host side (`GroundingDetector.boxes_from_outputs`)
@@ -18,13 +19,11 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -34,12 +33,9 @@ from fbclip_edge.errors import FBClipError
 from fbclip_edge.export.onnx_graph import check_graph
 from fbclip_edge.methods.filo.boxes import grounding_caption
 from fbclip_edge.methods.filo.grounding import GroundingDetector
+from fbclip_edge.runtime.grounding_onnx import INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES
 
-INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
-OUTPUT_NAMES = ("logits", "pred_boxes")
 TEXT_AXIS = "text_len"
-#: onnx metadata key holding what the runner needs beyond the input shapes
-METADATA_KEY = "fbclip_edge.grounding"
 #: GridSample (the pure deformable attention path) needs opset 16
 MIN_OPSET = 16
 
@@ -256,89 +252,8 @@ def export_grounding_onnx(
     )
 
 
-class GroundingOnnx:
-    """onnxruntime session over an `export_grounding_onnx` graph, called like the port for
-    one image and one caption: (Q, L) logits and (Q, 4) boxes for `boxes_from_outputs`."""
-
-    def __init__(
-        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)
-    ) -> None:
-        from fbclip_edge.runtime.onnxruntime import import_onnxruntime
-
-        ort = import_onnxruntime()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FBClipError(f"{self.path} not found; export it with export_grounding_onnx")
-        try:
-            self.session: Any = ort.InferenceSession(str(self.path), providers=list(providers))
-        except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph types
-            raise FBClipError(
-                f"onnxruntime cannot load {self.path.name} ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0]}); re-export it"
-            ) from None
-        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if meta is None:
-            raise FBClipError(
-                f"{self.path.name} was not written by export_grounding_onnx (no {METADATA_KEY} "
-                "metadata); re-export it"
-            )
-        values = json.loads(meta)
-        self.image_hw: tuple[int, int] = (int(values["image_hw"][0]), int(values["image_hw"][1]))
-        self.text_len: int | None = values["text_len"]
-        self.max_text_len = int(values["max_text_len"])
-
-    def _pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
-        expected = (1, 3, *self.image_hw)
-        if tuple(pixel_values.shape) != expected or pixel_values.dtype != torch.float32:
-            raise FBClipError(
-                f"{self.path.name} takes pixel_values {expected} float32, got "
-                f"{tuple(pixel_values.shape)} {pixel_values.dtype}; feed one gd_preprocess "
-                "image (batch 1) of that size, or re-export for this frame size"
-            )
-        return pixel_values.detach().cpu().contiguous().numpy()
-
-    def _ids(self, input_ids: torch.Tensor) -> np.ndarray:
-        integer = input_ids.dtype in (torch.int64, torch.int32)
-        if input_ids.ndim != 2 or input_ids.shape[0] != 1 or not integer:
-            raise FBClipError(
-                f"{self.path.name} takes input_ids (1, L) int64, got {tuple(input_ids.shape)} "
-                f"{input_ids.dtype}; pass one caption's token ids with a leading batch axis"
-            )
-        length = int(input_ids.shape[1])
-        if self.text_len is not None and length != self.text_len:
-            raise FBClipError(
-                f"{self.path.name} was exported for {self.text_len} caption tokens, got {length}; "
-                "re-export with text_len=None (dynamic) or this caption's length"
-            )
-        if not 2 <= length <= self.max_text_len:
-            raise FBClipError(
-                f"caption of {length} tokens is outside 2..{self.max_text_len} (max_text_len); "
-                "shorten the category's descriptions"
-            )
-        return input_ids.detach().cpu().to(torch.int64).contiguous().numpy()
-
-    def feed(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
-        """The graph inputs for one image and one unpadded caption: attention_mask all ones
-        and token_type_ids all zeros, as the BERT tokenizer returns for a single caption."""
-        ids = self._ids(input_ids)
-        return {
-            "pixel_values": self._pixels(pixel_values),
-            "input_ids": ids,
-            "attention_mask": np.ones_like(ids),
-            "token_type_ids": np.zeros_like(ids),
-        }
-
-    def __call__(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, L) logits and (Q, 4) boxes (normalised cx, cy, w, h) of one image."""
-        logits, boxes = self.session.run(list(OUTPUT_NAMES), self.feed(pixel_values, input_ids))
-        return torch.from_numpy(logits[0]), torch.from_numpy(boxes[0])
-
-
 __all__ = [
     "GroundingGraphSpec",
-    "GroundingOnnx",
     "export_grounding_onnx",
     "sub_sentence_masks",
 ]

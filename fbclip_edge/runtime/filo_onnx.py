@@ -20,13 +20,11 @@ table is a one-line error instead of quietly different scores.
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -44,7 +42,14 @@ from fbclip_edge.methods.filo.boxes import BertVocab
 from fbclip_edge.methods.filo.descriptions import load_descriptions
 from fbclip_edge.methods.filo.pipeline import FiLoHost, FiLoPipeline, HostSettings, TokenTable
 from fbclip_edge.methods.filo.text import PromptLearner
-from fbclip_edge.runtime.onnxruntime import PROVIDERS, import_onnxruntime
+from fbclip_edge.runtime.grounding_onnx import GroundingOnnx
+from fbclip_edge.runtime.onnx_session import (
+    PROVIDERS,
+    GraphSession,
+    import_onnxruntime,
+    provider_chain,
+    session_options,
+)
 
 METHOD = "filo"
 #: manifest.json key of `FiLoArtifacts` (an extra key: older readers keep it untouched)
@@ -57,10 +62,8 @@ LEARNERS = ("normal_prompt_learner", "abnormal_prompt_learner")
 TOKEN_IDS, TOKEN_ROWS = "token_table.ids", "token_table.rows"
 #: Graph roles with an fp16 (mixed-precision) variant; score and grounding stay float32.
 FP16_ROLES = (GraphRole.VISION, GraphRole.TEXT)
-_ONNX_DTYPES = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64}
-#: grounding.onnx's metadata key (export.grounding_onnx.METADATA_KEY: runtime/ does not import
-#: export/, which imports runtime/ for its parity checks)
-GROUNDING_METADATA = "fbclip_edge.grounding"
+#: what a stage's input error names as the builder of its inputs
+_INPUTS_HINT = "FiLoPipeline builds these inputs; check what was passed to it"
 
 
 @dataclass(frozen=True)
@@ -159,134 +162,13 @@ def files_used(
 
 
 # ----- sessions -----
-def _session_options(ort: Any, provider: str, threads: int | None) -> Any:
-    """As runtime.onnxruntime: all graph optimizations, no spinning threads, and on the CPU
-    no memory-pattern arena or prepacked weight copies (memory, not speed)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads or 0
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if provider == "cpu":
-        options.enable_mem_pattern = False
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return options
-
-
-def _provider_chain(ort: Any, provider: str) -> list[str]:
-    """The asked provider first (CPU last, for the ops a GPU provider skips)."""
+def _check_filo_provider(provider: str) -> None:
+    """FiLo's graphs run on the CPU and CUDA providers (no TensorRT profiles for them yet)."""
     if provider not in ("cpu", "cuda"):
         raise FBClipError(
             f"FiLo's onnxruntime graphs run on provider 'cpu' or 'cuda', not {provider!r}"
             + (" (TensorRT: not yet for FiLo)" if provider in PROVIDERS else "")
         )
-    wanted = PROVIDERS[provider]
-    if wanted not in ort.get_available_providers():
-        raise FBClipError(
-            f"onnxruntime provider '{provider}' is not available (onnxruntime {ort.__version__} "
-            f"offers {', '.join(ort.get_available_providers())}); install fbclip-edge[gpu] "
-            "(onnxruntime-gpu) on a CUDA machine, or use provider='cpu'"
-        )
-    return [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
-
-
-def _check_provider(name: str, used: Sequence[str], wanted: str) -> None:
-    """onnxruntime silently falls back to the CPU when a GPU provider cannot start."""
-    if used[0] != wanted:
-        raise FBClipError(
-            f"onnxruntime fell back to {used[0]} for {name} although {wanted} was asked "
-            "(CUDA libraries not found?); fix the GPU install or use provider='cpu'"
-        )
-
-
-class GraphSession:
-    """One onnxruntime session with its inputs checked against the graph's declared shapes
-    (named axes must agree across inputs), one line naming the graph and the fix."""
-
-    def __init__(self, path: Path, ort: Any, options: Any, chain: list[str]) -> None:
-        self.name = path.name
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=chain)
-        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ArtifactError(
-                f"onnxruntime cannot load {path.name} ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}); re-export the artifacts"
-            ) from None
-        _check_provider(path.name, self.session.get_providers(), chain[0])
-        self.inputs = [(i.name, list(i.shape), i.type) for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def _feed(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
-        if len(tensors) != len(self.inputs):
-            raise FBClipError(f"{self.name} takes {len(self.inputs)} inputs, got {len(tensors)}")
-        axes: dict[str, int] = {}
-        feed = {}
-        for tensor, (name, shape, kind) in zip(tensors, self.inputs, strict=True):
-            feed[name] = self._array(tensor, name, shape, kind, axes)
-        return feed
-
-    def _array(
-        self, tensor: torch.Tensor, name: str, shape: list[Any], kind: str, axes: dict[str, int]
-    ) -> np.ndarray:
-        dtype = _ONNX_DTYPES.get(kind)
-        wrong_type = dtype is None or (
-            tensor.dtype != dtype and (dtype.is_floating_point or tensor.dtype.is_floating_point)
-        )
-        fits = tensor.dim() == len(shape) and not wrong_type
-        for size, dim in zip(tensor.shape, shape, strict=False):
-            if isinstance(dim, int):
-                fits = fits and size == dim
-            elif isinstance(dim, str):
-                fits = fits and axes.setdefault(dim, int(size)) == size
-        if not fits or tensor.numel() == 0:
-            raise FBClipError(
-                f"{self.name} takes {name} {tuple(shape)} {kind[7:-1]}, got "
-                f"{tuple(tensor.shape)} {tensor.dtype}; named axes must agree between inputs "
-                "(FiLoPipeline builds these inputs; check what was passed to it)"
-            )
-        return np.ascontiguousarray(tensor.detach().cpu().to(dtype).numpy())
-
-    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs as float32 CPU tensors, in the graph's order."""
-        outputs = self.session.run(self.outputs, self._feed(tensors))
-        return [torch.from_numpy(np.asarray(o)) for o in outputs]
-
-
-class GroundingGraph:
-    """grounding.onnx (written by export.grounding_onnx) for one image and one caption, fed as
-    that module's GroundingOnnx feeds it: attention mask all ones, token types all zeros."""
-
-    def __init__(self, session: GraphSession) -> None:
-        self.session = session
-        shape = session.inputs[0][1]
-        self.image_hw = (int(shape[2]), int(shape[3]))
-        meta = session.session.get_modelmeta().custom_metadata_map.get(GROUNDING_METADATA)
-        if meta is None:
-            raise ArtifactError(
-                f"{session.name} was not written by export_grounding_onnx (no "
-                f"{GROUNDING_METADATA} metadata); re-export the artifacts"
-            )
-        self.max_text_len = int(json.loads(meta)["max_text_len"])
-
-    def __call__(
-        self, gd_pixels: torch.Tensor, input_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 3, h, w) and (1, L) ids -> logits (Q, L) and boxes (Q, 4)."""
-        if tuple(gd_pixels.shape[-2:]) != self.image_hw:
-            raise FBClipError(
-                f"{self.session.name} takes Grounding DINO inputs of {self.image_hw} (h, w), got "
-                f"{tuple(gd_pixels.shape[-2:])}: frames of another size than exported; re-export "
-                "with --frame-size WxH of the camera"
-            )
-        if not 2 <= int(input_ids.shape[-1]) <= self.max_text_len:
-            raise FBClipError(
-                f"caption of {int(input_ids.shape[-1])} tokens is outside 2..{self.max_text_len} "
-                "(Grounding DINO's max_text_len); shorten the category's grounding descriptions"
-            )
-        ids = input_ids.long()
-        logits, boxes = self.session(gd_pixels, ids, torch.ones_like(ids), torch.zeros_like(ids))
-        return logits[0], boxes[0]
 
 
 class OnnxFiLoStages:
@@ -303,20 +185,21 @@ class OnnxFiLoStages:
         provider: str = "cpu",
         threads: int | None = None,
     ) -> None:
+        _check_filo_provider(provider)
         ort = import_onnxruntime()
-        chain = _provider_chain(ort, provider)
-        options = _session_options(ort, provider, threads)
+        chain = provider_chain(ort, provider)
+        options = session_options(ort, provider, threads)
         self.graphs = dict(graphs)
         self.max_batch = max(1, max_batch)
         self.provider = provider
 
         def session(role: GraphRole) -> GraphSession:
-            return GraphSession(folder / graphs[role].file, ort, options, chain)
+            return GraphSession(folder / graphs[role].file, ort, options, chain, _INPUTS_HINT)
 
         self._vision, self._text = session(GraphRole.VISION), session(GraphRole.TEXT)
         self._score = session(GraphRole.SCORE)
         grounding = GraphRole.GROUNDING in graphs
-        self._grounding = GroundingGraph(session(GraphRole.GROUNDING)) if grounding else None
+        self._grounding = GroundingOnnx(session(GraphRole.GROUNDING)) if grounding else None
 
     @property
     def has_grounding(self) -> bool:
@@ -442,8 +325,6 @@ __all__ = [
     "HOST_FILE",
     "VOCAB_FILE",
     "FiLoArtifacts",
-    "GraphSession",
-    "GroundingGraph",
     "OnnxFiLoStages",
     "files_used",
     "onnx_host",

@@ -6,10 +6,8 @@ actually in use is read back from the session, reported, and a fallback is an er
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,23 +18,13 @@ from fbclip_edge.artifacts.options import GraphRole, Precision, Scoring
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime.base import Backend, BackendInfo, MapScorer, run_split
 from fbclip_edge.runtime.cpu_features import detect, refuse_without_isa
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-
-
-def import_onnxruntime() -> ModuleType:
-    """The onnxruntime module, or a one-line error naming the extra to install."""
-    try:
-        return importlib.import_module("onnxruntime")
-    except ImportError:
-        raise FBClipError(
-            "onnxruntime is not installed; install fbclip-edge[cpu] (or fbclip-edge[gpu] for "
-            "CUDA), or open the artifacts with backend='torch'"
-        ) from None
+from fbclip_edge.runtime.onnx_session import (
+    PROVIDERS,
+    check_available,
+    import_onnxruntime,
+    load_session,
+    session_options,
+)
 
 
 def available_providers() -> list[str]:
@@ -123,15 +111,7 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
     ) -> None:
         ort = import_onnxruntime()
-        if provider not in PROVIDERS:
-            raise FBClipError(f"provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
-        wanted = PROVIDERS[provider]
-        if wanted not in ort.get_available_providers():
-            raise FBClipError(
-                f"onnxruntime provider '{provider}' is not available (onnxruntime "
-                f"{ort.__version__} offers {', '.join(ort.get_available_providers())}); install "
-                "fbclip-edge[gpu] (onnxruntime-gpu) on a CUDA machine, or use provider='cpu'"
-            )
+        check_available(ort, provider)
         spec = self._graph(artifacts, manifest, provider, precision)
         files = [spec.file, *spec.data_files]
         if manifest.scoring == Scoring.KERNEL:
@@ -143,40 +123,12 @@ class OnnxRuntimeBackend(Backend):
         # GPU providers exchange torch CUDA tensors when torch has CUDA, else host arrays.
         self.bind = provider != "cpu" and torch.cuda.is_available()
         self.device = gpu if self.bind else torch.device("cpu")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: unused-initializer notes are noise
-        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's choice (physical cores)
-        # Idle worker threads would otherwise spin after each run and slow the torch map
-        # stage that follows on the same cores (measured: 15.9 ms vs 9.1 ms on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if provider == "cpu":
-            # Memory, measured on ViT-L-14-336 @ 518 (2-core Xeon, fresh process each): the
-            # memory-pattern planner keeps every intermediate's arena block for the run
-            # (+1.58 GB over the session vs +0.79 GB without it), and prepacked weights are a
-            # second copy of them (session 1.97 GB -> 1.22 GB without); neither was
-            # measurably faster here.
-            options.enable_mem_pattern = False
-            options.add_session_config_entry("session.disable_prepacking", "1")
+        options = session_options(ort, provider, threads)
         chain = _provider_list(
             provider, device_id, spec, manifest, manifest.files.get(spec.file, spec.file)
         )
-        try:
-            self.session = ort.InferenceSession(
-                str(artifacts / spec.file), options, providers=chain
-            )
-        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ArtifactError(
-                f"onnxruntime cannot load {spec.file} ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}); re-export the artifacts"
-            ) from None
+        self.session = load_session(ort, artifacts / spec.file, options, chain)
         used = self.session.get_providers()
-        if used[0] != wanted:
-            raise FBClipError(
-                f"onnxruntime fell back to {used[0]} although {wanted} was asked (CUDA / "
-                "TensorRT libraries not found?); fix the GPU install or use provider='cpu'"
-            )
         self._check_interface(spec, manifest)
         self.spec, self.provider = spec, provider
         self.run_batch = run_batch_limit(manifest, provider, self.device)
