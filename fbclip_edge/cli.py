@@ -848,6 +848,14 @@ def bench(
         bool,
         typer.Option(help="Time eager fp32 again at the end to measure the machine's drift."),
     ] = True,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            help="Time each exported backend (onnxruntime, OpenVINO, TensorRT; all its batches) "
+            "in a child process of its own that loads only its runtime and the artifacts, so "
+            "its RSS peak is its own ('own process'), not the bench's with the eager model in it."
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option(help="Output folder (default: benchmarks/results/<device>-<date>/...)."),
@@ -882,6 +890,7 @@ def bench(
         max_seconds=max_seconds or None,
         preprocess=preprocess,
         recheck_baseline=recheck_baseline,
+        isolate=isolate,
     )
     with console.status("benchmarking") as status:
         results = run_bench(config, log=lambda message: status.update(message))

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +39,10 @@ from fbclip_edge.bench.device import (
     load_average,
     measure_matmul_ceiling,
 )
+from fbclip_edge.bench.isolate import ChildReport, ChildSpec, run_child
 from fbclip_edge.bench.schema import (
     DEFAULT_METHODS,
+    OWN_PROCESS,
     SCHEMA_VERSION,
     STAGES,
     BackendResult,
@@ -50,10 +52,12 @@ from fbclip_edge.bench.schema import (
     MethodOutcome,
     ModelInfo,
     StageStats,
+    config_dict,
 )
 from fbclip_edge.bench.timing import (
+    BatchRuns,
     baseline_drift,
-    measure,
+    measure_batches,
     one_line,
     release,
     stage_stats,
@@ -405,6 +409,8 @@ class BenchRun:
 
     def backend(self, name: str, target: _Target) -> tuple[BackendResult, list[Measurement]]:
         """Build and measure one backend at every batch size; failures become reasons."""
+        if self.config.isolate and name in EXPORTED_BACKENDS:
+            return self.isolated(name, target)
         label = f"{target.method} {name}"
         result = BackendResult(name, "ok", method=target.method)
         try:
@@ -420,27 +426,65 @@ class BenchRun:
         result.details = dict(backend.details)
         ceiling = self.ceiling(backend.device, backend.precision)
         image_size = target.model.config.image_size
-        rows: list[Measurement] = []
-        for batch in self.config.batches:
-            self.say(f"{label}: batch {batch}")
-            try:
-                row, kind = measure(
-                    backend, batch, self.config, image_size, self.power, target.method
-                )
-            except Exception as error:  # e.g. out of memory at the largest batch
-                result.batch_failures[str(batch)] = one_line(error)
-                self.say(f"{label}: batch {batch} failed ({one_line(error)})")
-                continue
-            self.preprocess_kinds.add(kind)
-            row.achieved_tflops = target.flops * batch / (row.model_p50_ms / 1e3) / 1e12
+        runs = measure_batches(
+            backend, self.config, image_size, self.power, target.method, self.labelled(label)
+        )
+        return self.completed(result, runs, target, ceiling)
+
+    def isolated(self, name: str, target: _Target) -> tuple[BackendResult, list[Measurement]]:
+        """Exported backend `name` timed in a child process of its own (--isolate): the export
+        happens here, once, before the child opens it; the child's rows come back whole."""
+        label = f"{target.method} {name}"
+        result = BackendResult(name, "ok", method=target.method)
+        self.say(f"{label}: preparing")
+        try:
+            spec = ChildSpec(
+                backend=name,
+                method=target.method,
+                artifacts=str(target.artifacts.folder()),
+                image_size=target.model.config.image_size,
+                config=config_dict(self.config),
+                torch_threads=torch.get_num_threads(),
+            )
+            child = run_child(spec, self.labelled(label))
+        except Exception as error:  # the export or the launch: this backend's failure only
+            child = ChildReport(error=one_line(error))
+        if child.opened is None:
+            result.status, result.reason = "failed", child.error or "no report from the child"
+            self.say(f"{label}: failed ({result.reason})")
+            return result, []
+        opened = child.opened
+        result.device, result.precision = opened.device, opened.precision
+        result.kernel_impl, result.setup_seconds = opened.kernel_impl, opened.setup_seconds
+        result.details = dict(opened.details)
+        child.fill_power(self.power)
+        ceiling = self.ceiling(torch.device(opened.device), opened.precision)
+        return self.completed(result, child.runs, target, ceiling)
+
+    def labelled(self, label: str) -> Callable[[str], None]:
+        """`say` with every message prefixed by the backend's label."""
+        return lambda message: self.say(f"{label}: {message}")
+
+    def completed(
+        self,
+        result: BackendResult,
+        runs: BatchRuns,
+        target: _Target,
+        ceiling: MatmulCeiling | None,
+    ) -> tuple[BackendResult, list[Measurement]]:
+        """Batch failures into the result, compute columns into the rows; the backend fails
+        when every batch did."""
+        self.preprocess_kinds.update(runs.kinds)
+        result.batch_failures.update(runs.failures)
+        for row in runs.rows:
+            row.achieved_tflops = target.flops * row.batch / (row.model_p50_ms / 1e3) / 1e12
             if ceiling is not None:
                 row.ceiling_tflops = ceiling.tflops
                 row.ceiling_percent = 100.0 * row.achieved_tflops / ceiling.tflops
-            rows.append(row)
         if len(result.batch_failures) == len(self.config.batches):
             result.status = "failed"
             result.reason = next(iter(result.batch_failures.values()))
-        return result, rows
+        return result, runs.rows
 
 
 def _model_info(model: Any, method: str, source: str) -> ModelInfo:
@@ -513,6 +557,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     notes.extend(o.export_note for o in outcomes if o.export_note)
     notes.extend(note for o in outcomes for note in o.notes)
     notes.extend(_standard_notes(run.preprocess_kinds))
+    notes.extend(_isolate_notes(config))
     notes.extend(_contention_notes(measurements))
     drift = {o.info.method: o.drift for o in outcomes if o.drift is not None}
     for outcome in outcomes:
@@ -523,7 +568,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         command=config.command or default_command(),
         started_at=started_at,
         duration_seconds=time.perf_counter() - started,
-        config=_config_dict(config),
+        config=config_dict(config),
         models=[outcome.info for outcome in outcomes],
         device=device_info,
         ceilings=[c for c in run.ceilings.values() if c is not None],
@@ -587,6 +632,18 @@ def _standard_notes(preprocess_kinds: set[str]) -> list[str]:
     return notes
 
 
+def _isolate_notes(config: BenchConfig) -> list[str]:
+    """Which rows ran where, so their RSS columns are read right."""
+    if not config.isolate:
+        return []
+    return [
+        "isolate: each exported backend ran in a child process of its own (python -m "
+        "fbclip_edge.bench.isolate) holding only its runtime and the artifacts, so its rows' "
+        f"host RSS peak is that process's (scope '{OWN_PROCESS}'); the torch backends and "
+        "FiLo's rows ran in the bench's process, beside the eager model"
+    ]
+
+
 CONTENTION_WARNING = 0.10
 
 
@@ -603,10 +660,3 @@ def _contention_notes(measurements: list[Measurement]) -> list[str]:
         f"({row.method} {row.backend}, batch {row.batch}); those numbers are slower and "
         "noisier than on a quiet machine: compare rows with the 'other CPU' column in mind"
     ]
-
-
-def _config_dict(config: BenchConfig) -> dict[str, Any]:
-    data = asdict(config)
-    for key in ("model", "artifacts"):
-        data[key] = None if data[key] is None else str(data[key])
-    return data

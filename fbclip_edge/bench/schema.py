@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 2
 DEFAULT_METHODS = ("fbclip",)
 STAGES = ("preprocess", "network", "scoring", "map")
+#: Measurement.host_rss_peak_scope of a row timed in its own --isolate child process.
+OWN_PROCESS = "own process"
+#: BenchConfig fields that are paths (strings in JSON).
+_PATH_FIELDS = ("model", "artifacts")
 
 
 @dataclass
@@ -39,6 +43,10 @@ class BenchConfig:
     the backend's CUDA device) or 'auto' (gpu for CUDA backends, cpu otherwise).
     recheck_baseline: time the eager baseline again after every other backend; the change
     (`baseline_drift`) is how far the machine itself moved while the others were timed.
+    isolate: time each exported backend (all its batches) in a child process of its own that
+    loads only its runtime and the artifacts, so its host RSS peak is its own (OWN_PROCESS),
+    not the bench's with the eager baseline's torch model in it; off: every row in this
+    process, as before.
     """
 
     model: Path | None = None
@@ -59,6 +67,7 @@ class BenchConfig:
     seed: int = 0
     measure_ceiling: bool = True
     recheck_baseline: bool = True
+    isolate: bool = False
     command: str | None = None
 
 
@@ -202,3 +211,26 @@ class MethodOutcome:
     drift: dict[str, float] | None
     export_note: str | None
     notes: list[str] = field(default_factory=list)
+
+
+def config_dict(config: BenchConfig) -> dict[str, Any]:
+    """The config as plain JSON (folders as strings): results.json's `config`."""
+    data = asdict(config)
+    for key in _PATH_FIELDS:
+        data[key] = None if data[key] is None else str(data[key])
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> BenchConfig:
+    """config_dict() read back (lists to tuples, strings to folders): how an --isolate child
+    gets the settings of the run that started it."""
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    for key in _PATH_FIELDS:
+        values[key] = None if values.get(key) is None else Path(values[key])
+    return BenchConfig(**values)
+
+
+def measurement_from_dict(data: dict[str, Any]) -> Measurement:
+    """asdict(Measurement) read back, stage statistics included (the --isolate child's rows)."""
+    stages = {k: None if v is None else StageStats(**v) for k, v in data["stages"].items()}
+    return Measurement(**{**data, "pipeline": StageStats(**data["pipeline"]), "stages": stages})

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -28,8 +28,16 @@ from fbclip_edge.preprocess import preprocess, preprocess_tensor
 
 if TYPE_CHECKING:
     from fbclip_edge.bench.backends import BenchBackend
-    from fbclip_edge.bench.device import PowerSampler
     from fbclip_edge.bench.schema import BenchConfig
+
+
+class PowerReader(Protocol):
+    """What measure() asks of a power source: device.PowerSampler in the bench's process, a
+    window log in an --isolate child (the parent, which samples, fills power in)."""
+
+    def mean_mw(self, start: float, end: float) -> dict[str, float] | None:
+        """Mean milliwatts per rail between two perf_counter times, or None."""
+        ...
 
 
 # ---------------------------------------------------------------- statistics
@@ -241,7 +249,7 @@ def measure(
     batch: int,
     config: BenchConfig,
     image_size: int,
-    power: PowerSampler,
+    power: PowerReader,
     method: str,
 ) -> tuple[Measurement, str]:
     """Warm up, then time `config.iters` iterations of one backend at one batch size."""
@@ -306,3 +314,38 @@ def measure(
         stages_ms={name: float(np.mean(v)) / batch for name, v in samples.stages.items() if v},
     )
     return row, kind
+
+
+@dataclass
+class BatchRuns:
+    """One backend timed at every batch size: its rows, the batches that failed (batch ->
+    one-line reason) and the preprocess kinds that ran."""
+
+    rows: list[Measurement] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    kinds: set[str] = field(default_factory=set)
+
+
+def measure_batches(
+    backend: BenchBackend,
+    config: BenchConfig,
+    image_size: int,
+    power: PowerReader,
+    method: str,
+    say: Callable[[str], None],
+) -> BatchRuns:
+    """measure() at each of config.batches in turn; a batch that fails (e.g. out of memory
+    at the largest) becomes its reason and the next one still runs. The bench's process and
+    the --isolate child both time through here, so their rows are measured alike."""
+    runs = BatchRuns()
+    for batch in config.batches:
+        say(f"batch {batch}")
+        try:
+            row, kind = measure(backend, batch, config, image_size, power, method)
+        except Exception as error:  # one batch must not end the backend
+            runs.failures[str(batch)] = one_line(error)
+            say(f"batch {batch} failed ({one_line(error)})")
+            continue
+        runs.kinds.add(kind)
+        runs.rows.append(row)
+    return runs
