@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# CLI output is asserted on: one line width everywhere (rich wraps at the terminal's, and CI
+# has none), set before the CLI's console exists.
+os.environ["COLUMNS"] = "200"
 
-from fbclip_edge.demo import FIXTURE_FILES, find_fixture
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fbclip_edge.demo import FIXTURE_FILES, find_fixture  # noqa: E402
 
 
 @pytest.fixture(scope="session")
