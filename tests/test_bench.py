@@ -487,3 +487,12 @@ def test_gpu_session_script_parses_and_names_its_steps():
     )
     assert done.returncode == 2
     assert "use fetch, check, bench or wait" in done.stderr
+
+
+def test_recorded_package_version_is_the_source_version():
+    """An editable install keeps the metadata version it was installed with; benchmarks must
+    name the code that ran."""
+    from fbclip_edge.bench.device import package_versions
+    from fbclip_edge.version import __version__
+
+    assert package_versions()["fbclip_edge"] == __version__

@@ -134,6 +134,11 @@ def package_versions() -> dict[str, str | None]:
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 versions[key] = importlib.metadata.version(name)
                 break
+    # this package's own version from its source, not from the install's metadata: an
+    # editable install keeps the version it was installed with
+    from fbclip_edge.version import __version__
+
+    versions["fbclip_edge"] = __version__
     if versions["tensorrt"] is None:
         # Jetson installs TensorRT from apt: importable, but without pip metadata.
         with contextlib.suppress(Exception):
