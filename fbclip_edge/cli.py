@@ -248,6 +248,44 @@ def make_synthetic_command(
     )
 
 
+@app.command("bench-ab")
+@friendly_errors
+def bench_ab(
+    backends: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: torch-eager-fp32, onnxruntime-cpu, openvino-cpu-fp32, "
+            "openvino-cpu-bf16 (two or more)."
+        ),
+    ] = "torch-eager-fp32,onnxruntime-cpu",
+    backbone: Annotated[str, typer.Option(help="open_clip ViT name or 'tiny'.")] = "ViT-B-16",
+    image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 224,
+    method: Annotated[str, typer.Option(help="fbclip or anomalyclip.")] = "fbclip",
+    batch: Annotated[int, typer.Option(help="Images per run.")] = 1,
+    rounds: Annotated[int, typer.Option(help="Alternating rounds.")] = 4,
+    repeats: Annotated[int, typer.Option(help="Runs per backend per round (best kept).")] = 2,
+    out: Annotated[Path, typer.Option(help="Folder for ab.json and ab.md.")] = Path("bench-ab"),
+) -> None:
+    """Interleaved A/B of backends whose bench rows fell inside the machine's drift."""
+    from fbclip_edge.bench.ab import ABConfig, ab_markdown, run_ab, write_ab
+
+    if rounds < 1 or repeats < 1 or batch < 1:
+        raise FBClipError("--rounds, --repeats and --batch must be at least 1")
+    config = ABConfig(
+        tuple(b.strip() for b in backends.split(",") if b.strip()),
+        backbone,
+        image_size,
+        method,
+        batch,
+        rounds,
+        repeats,
+    )
+    result = run_ab(config, log=lambda text: console.print(text, highlight=False))
+    write_ab(result, out)
+    console.print(ab_markdown(result), highlight=False)
+    console.print(f"wrote {out}/ab.json, {out}/ab.md")
+
+
 @app.command("bench-kernels")
 @friendly_errors
 def bench_kernels(
