@@ -53,4 +53,6 @@ def test_cli_writes_json_and_markdown(tmp_path):
         "torch-eager-fp32",
         "onnxruntime-cpu",
     }
-    assert "rounds faster than torch-eager-fp32" in (tmp_path / "ab.md").read_text()
+    table = (tmp_path / "ab.md").read_text()
+    assert "rounds faster than torch-eager-fp32" in table
+    assert "Device: " in table and "logical cores, ISA" in table and "torch " in table

@@ -152,6 +152,18 @@ def run_ab(config: ABConfig, log: Callable[[str], None] | None = None) -> ABResu
     return ABResult(config, times, order, asdict(describe_device()))
 
 
+def device_line(device: dict[str, object]) -> str:
+    """CPU model, cores, ISA flags and versions: what the A/B ran on."""
+    isa = device.get("cpu_isa")
+    versions = device.get("versions")
+    flags = " ".join(str(flag) for flag in isa) if isinstance(isa, list) else "-"
+    shown = ""
+    if isinstance(versions, dict):
+        shown = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
+    cores = device.get("cpu_logical_cores")
+    return f"{device.get('cpu_model')}, {cores} logical cores, ISA {flags}; {shown}"
+
+
 def ab_markdown(result: ABResult) -> str:
     """A table of img/s per round with the median, and round wins against the first."""
     config = result.config
@@ -164,6 +176,8 @@ def ab_markdown(result: ABResult) -> str:
         "",
         f"Date: {result.created}; {config.rounds} rounds, order rotated each round, each "
         f"backend's best of {config.repeats} runs of network + scoring per round (img/s).",
+        "",
+        f"Device: {device_line(result.device)}",
         "",
         f"| backend | {rounds} | median | rounds faster than {first} |",
         "|---|" + "---|" * (config.rounds + 2),
