@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from fbclip_edge.clip.config import BackboneConfig
-from fbclip_edge.demo import find_fixture
+from fbclip_edge.demo import filo_fixture_backbone, find_fixture
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.methods.filo import (
     BertVocab,
@@ -76,27 +76,7 @@ def filo_golden(filo_dir: Path) -> dict:
     return torch.load(filo_dir / "golden.pt", map_location="cpu", weights_only=False)
 
 
-def golden_backbone(config: dict[str, Any]) -> BackboneConfig:
-    """The tiny CLIP of the fixture: head counts are not visible in the weights."""
-    return BackboneConfig(
-        name="filo-tiny",
-        embed_dim=config["embed_dim"],
-        vision={
-            "image_size": config["pretrained_res"],
-            "layers": config["vision_layers"],
-            "width": config["vision_width"],
-            "patch_size": config["patch_size"],
-            "head_width": config["vision_width"] // config["vision_heads"],
-        },
-        text={
-            "context_length": config["context_length"],
-            "vocab_size": config["vocab_size"],
-            "width": config["text_width"],
-            "heads": config["text_heads"],
-            "layers": config["text_layers"],
-        },
-        quick_gelu=False,
-    )
+golden_backbone = filo_fixture_backbone  # the fixture's tiny CLIP (fbclip_edge.demo)
 
 
 @pytest.fixture(scope="module")

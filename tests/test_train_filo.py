@@ -15,9 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fbclip_edge.cli import app
-from fbclip_edge.clip.config import BackboneConfig
 from fbclip_edge.data import load_dataset, make_synthetic
-from fbclip_edge.demo import find_fixture
+from fbclip_edge.demo import filo_fixture_backbone, find_fixture
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.methods.filo import import_official
 from fbclip_edge.methods.filo.descriptions import load_descriptions
@@ -63,27 +62,7 @@ def _part(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 # ----- the fixture's two images as an MVTec-layout dataset, the imported model as a folder -----
-def _golden_backbone(config: dict[str, Any]) -> BackboneConfig:
-    """The fixture's tiny CLIP (head counts are not visible in the weights)."""
-    return BackboneConfig(
-        name="filo-tiny",
-        embed_dim=config["embed_dim"],
-        vision={
-            "image_size": config["pretrained_res"],
-            "layers": config["vision_layers"],
-            "width": config["vision_width"],
-            "patch_size": config["patch_size"],
-            "head_width": config["vision_width"] // config["vision_heads"],
-        },
-        text={
-            "context_length": config["context_length"],
-            "vocab_size": config["vocab_size"],
-            "width": config["text_width"],
-            "heads": config["text_heads"],
-            "layers": config["text_layers"],
-        },
-        quick_gelu=False,
-    )
+_golden_backbone = filo_fixture_backbone  # the fixture's tiny CLIP (fbclip_edge.demo)
 
 
 @pytest.fixture(scope="module")

@@ -289,3 +289,23 @@ def export_command(manifest: Manifest, artifacts: str | Path, targets: str = "on
         f"--precision {manifest.precision.value} --scoring {manifest.scoring.value} "
         f"--targets {targets}"
     )
+
+
+def model_folder(artifacts: Path, manifest: Manifest, verify: bool = True) -> Path:
+    """The model folder the manifest names (backend='torch' reloads it), refused when its
+    weights are gone or changed since the export."""
+    from fbclip_edge.modelformat import WEIGHTS_FILE
+
+    folder = Path(manifest.model.path)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(
+            f"backend='torch' reloads the model folder {folder} recorded in {artifacts}, and "
+            f"{weights} is gone; restore it, or use backend='onnxruntime'"
+        )
+    if verify and sha256_file(weights) != manifest.model.weights_sha256:
+        raise ArtifactError(
+            f"the model in {folder} changed since {artifacts} was exported (sha256 of "
+            f"{WEIGHTS_FILE} differs); re-export with `{export_command(manifest, artifacts)}`"
+        )
+    return folder

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fbclip_edge.artifacts.manifest import ArtifactError, Manifest, export_command, sha256_file
+from fbclip_edge.artifacts.manifest import Manifest, model_folder
 from fbclip_edge.artifacts.options import GraphRole
-from fbclip_edge.checkpoint import WEIGHTS_FILE
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.methods.filo.boxes import BoxResult
 from fbclip_edge.methods.filo.pipeline import FiLoPipeline
@@ -74,18 +73,7 @@ def _torch_pipeline(
     from fbclip_edge.methods.filo import load_filo
     from fbclip_edge.methods.filo.stages import torch_pipeline
 
-    model_dir = Path(manifest.model.path)
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ArtifactError(
-            f"backend='torch' reloads the model folder {model_dir} recorded in {folder}, and "
-            f"{weights} is gone; restore it, or use backend='onnxruntime'"
-        )
-    if verify and sha256_file(weights) != manifest.model.weights_sha256:
-        raise ArtifactError(
-            f"the model in {model_dir} changed since {folder} was exported (sha256 of "
-            f"{WEIGHTS_FILE} differs); re-export with `{export_command(manifest, folder)}`"
-        )
+    model_dir = model_folder(folder, manifest, verify)
     loaded = load_filo(model_dir, device=device or "cpu")
     return torch_pipeline(loaded.model, loaded.table, loaded.detector)
 

@@ -14,14 +14,11 @@ from pathlib import Path
 import torch
 
 from fbclip_edge.artifacts.manifest import (
-    ArtifactError,
     Manifest,
-    export_command,
+    model_folder,
     read_manifest,
-    sha256_file,
 )
 from fbclip_edge.artifacts.options import Precision, tensorrt_installed
-from fbclip_edge.checkpoint import WEIGHTS_FILE
 from fbclip_edge.errors import FBClipError
 from fbclip_edge.runtime import cpu_features
 from fbclip_edge.runtime.base import Backend, FrameBackend, TorchBackend
@@ -48,18 +45,7 @@ def _open_torch(
     artifacts: Path, manifest: Manifest, device: str | None, precision: str, verify: bool
 ) -> Backend:
     """Reload the model folder named in the manifest, refusing it if it changed since export."""
-    folder = Path(manifest.model.path)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ArtifactError(
-            f"backend='torch' reloads the model folder {folder} recorded in {artifacts}, and "
-            f"{weights} is gone; restore it, or use backend='onnxruntime'"
-        )
-    if verify and sha256_file(weights) != manifest.model.weights_sha256:
-        raise ArtifactError(
-            f"the model in {folder} changed since {artifacts} was exported (sha256 of "
-            f"{WEIGHTS_FILE} differs); re-export with `{export_command(manifest, artifacts)}`"
-        )
+    folder = model_folder(artifacts, manifest, verify)
     from fbclip_edge.checkpoint import load
 
     if precision not in ("fp32", "fp16"):
