@@ -10,10 +10,10 @@ near-tie slot swap on image 0), but the boxes and position words derived from th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+import filo_fixture
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -22,7 +22,6 @@ pytest.importorskip("transformers")
 
 from fbclip_edge import checkpoint, create_model, save_model  # noqa: E402
 from fbclip_edge.cli import app  # noqa: E402
-from fbclip_edge.demo import find_fixture  # noqa: E402
 from fbclip_edge.errors import FBClipError  # noqa: E402
 from fbclip_edge.methods.filo import (  # noqa: E402
     FiLoFolder,
@@ -38,25 +37,18 @@ from fbclip_edge.methods.filo.folder import (  # noqa: E402
     sha256_file,
 )
 
-ENV = "FILO_FIXTURE"
 TOL = 1e-5
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def filo_dir() -> Path:
-    found = find_fixture("filo")
-    if found is None or not (found / "grounding_dino_checkpoint.pth").is_file():
-        message = f"FiLo reference fixture not found: set {ENV} to filo-reference-tiny/"
-        if os.environ.get("FBCLIP_REQUIRE_FIXTURE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return filo_fixture.fixture_dir()
 
 
 @pytest.fixture(scope="module")
 def golden(filo_dir: Path) -> dict:
-    return torch.load(filo_dir / "golden.pt", map_location="cpu", weights_only=False)
+    return filo_fixture.load_golden(filo_dir)
 
 
 @pytest.fixture(scope="module")

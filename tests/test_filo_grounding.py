@@ -13,16 +13,15 @@ are compared to 1e-6 (normalised) and their pixel slices exactly.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
+import filo_fixture
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from fbclip_edge.demo import find_fixture  # noqa: E402
 from fbclip_edge.errors import FBClipError  # noqa: E402
 from fbclip_edge.methods.filo.boxes import BoxResult, apply_boxes, grounding_caption  # noqa: E402
 from fbclip_edge.methods.filo.grounding import (  # noqa: E402
@@ -36,7 +35,6 @@ from fbclip_edge.methods.filo.grounding import (  # noqa: E402
     read_grounding_checkpoint,
 )
 
-ENV = "FILO_FIXTURE"
 RAW_TOL = 1e-5  # image 1, every slot
 SWAP_TOL = 2e-4  # image 0, every slot but the swapped pair
 BOX_TOL = 1e-6  # normalised box coordinates derived from the raw outputs
@@ -45,18 +43,12 @@ PIXEL_TOL = 1e-3  # the same, in pixels of the 518 frame
 
 @pytest.fixture(scope="module")
 def filo_dir() -> Path:
-    found = find_fixture("filo")
-    if found is None or not (found / "grounding_dino_checkpoint.pth").is_file():
-        message = f"FiLo reference fixture not found: set {ENV} to filo-reference-tiny/"
-        if os.environ.get("FBCLIP_REQUIRE_FIXTURE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return filo_fixture.fixture_dir()
 
 
 @pytest.fixture(scope="module")
 def golden(filo_dir: Path) -> dict:
-    return torch.load(filo_dir / "golden.pt", map_location="cpu", weights_only=False)
+    return filo_fixture.load_golden(filo_dir)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ phrases, position word), which must equal the reference's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import filo_fixture
 import numpy as np
 import onnx
 import pytest
@@ -26,7 +26,6 @@ pytest.importorskip("onnxruntime")
 
 import transformers.models.grounding_dino.modeling_grounding_dino as port  # noqa: E402
 
-from fbclip_edge.demo import find_fixture  # noqa: E402
 from fbclip_edge.errors import FBClipError  # noqa: E402
 from fbclip_edge.export.grounding_onnx import (  # noqa: E402
     GroundingGraphSpec,
@@ -37,7 +36,6 @@ from fbclip_edge.methods.filo.grounding import GroundingDetector, GroundingDinoA
 from fbclip_edge.runtime.grounding_onnx import GroundingOnnx  # noqa: E402
 
 Outputs = tuple[torch.Tensor, torch.Tensor]  # (Q, L) logits, (Q, 4) boxes
-ENV = "FILO_FIXTURE"
 SIZE = (518, 518)
 RAW_TOL = 1e-5  # observed 6.2e-6 (onnx vs torch and vs reference), float32 rounding
 SWAP_TOL = 2e-4  # observed 1.6e-4: the slots a near-tie swap perturbs through self-attention
@@ -46,18 +44,12 @@ PIXEL_TOL = 1e-3  # derived pixel boxes, 518 frame
 
 @pytest.fixture(scope="module")
 def filo_dir() -> Path:
-    found = find_fixture("filo")
-    if found is None or not (found / "grounding_dino_checkpoint.pth").is_file():
-        message = f"FiLo reference fixture not found: set {ENV} to filo-reference-tiny/"
-        if os.environ.get("FBCLIP_REQUIRE_FIXTURE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return filo_fixture.fixture_dir()
 
 
 @pytest.fixture(scope="module")
 def golden(filo_dir: Path) -> dict:
-    return torch.load(filo_dir / "golden.pt", map_location="cpu", weights_only=False)
+    return filo_fixture.load_golden(filo_dir)
 
 
 @pytest.fixture(scope="module")
